@@ -1,0 +1,21 @@
+"""cupylars: LARS optimizers with fused CUDA kernels and 8-bit state.
+
+``cupylars.functional`` holds the framework-agnostic update functions (NumPy
+or CuPy arrays); ``cupylars.optim`` the torch.optim adapter. Neither CuPy nor
+torch is imported by ``import cupylars``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["functional", "optim", "testing", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Submodules load on first use, so importing the package never imports torch or CuPy.
+    if name in ("functional", "optim", "testing", "reference", "quantization", "cuda"):
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'cupylars' has no attribute {name!r}")

@@ -1,0 +1,153 @@
+r"""The LARS step in NumPy: the CPU backend and the specification of the kernels.
+
+One call of :func:`apply_step` performs, for one tensor at applied step
+:math:`t` (the numbering of docs/algorithm.md)::
+
+    1. gamma = percentile clipping factor from the history of ||g||^2   (P < 100)
+    2. d     = gamma * g + lam * p
+    3. d     = r * d,  r = eta ||p|| / (gamma ||g|| + lam ||p|| + eps)   (eta > 0)
+                       r = min(r / lr, 1) with trust_clip
+    4. m     = d  (t == 1)   or   mu * m + (1 - delta) * d                (mu > 0)
+       u     = d + mu * m  (nesterov)   or   m   (or d without momentum)
+    5. s     = max_unorm ||p|| / ||u||  if ||u|| > max_unorm ||p|| > 0, else 1
+    6. p     = p - lr * s * u
+
+Norms are float64 sums of float32 values, all taken over the tensor as it was
+before the step; scalar factors are computed in float64 and applied as float32;
+elementwise work is float32 in the order written above; the parameter is
+rounded to nearest even into its storage format. 8-bit state is dequantized
+before step 4 and the new m quantized after it (steps 4-6 use the float32 m).
+
+The CUDA kernels compute the same quantities (norms of u through dot
+products, fused multiply-adds) and match this to float32 rounding; the tests
+hold them to it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from . import quantization
+from .config import LarsConfig
+from .formats import from_float32, to_float32
+from .state import HISTORY_SIZE, LarsState
+
+__all__ = ["grad_is_finite", "apply_step", "percentile_factor", "trust_ratio", "unorm_scale"]
+
+_f32 = np.float32
+
+
+def _norm(x: np.ndarray) -> float:
+    """Euclidean norm of a float32 vector, accumulated in float64."""
+    x64 = x.astype(np.float64)
+    return math.sqrt(float(np.dot(x64, x64)))
+
+
+def grad_is_finite(grad: np.ndarray, fmt: str) -> bool:
+    return bool(np.isfinite(to_float32(np, grad, fmt)).all())
+
+
+def percentile_factor(history: np.ndarray, t: int, grad_sq_norm: float, percentile: int) -> float:
+    """Step 1: record ``||g||^2`` in ``history`` (in place) and return gamma.
+
+    ``history[t % 100]`` receives the squared norm; the first recorded step
+    fills all entries with it. gamma = clip / current when the current norm
+    exceeds the ``percentile``-th smallest recorded one, else 1.
+    """
+    entry = _f32(grad_sq_norm)
+    if history[0] < 0:  # never recorded
+        history[:] = entry
+    else:
+        history[t % HISTORY_SIZE] = entry
+    current = math.sqrt(float(history[t % HISTORY_SIZE]))
+    clip = math.sqrt(float(np.sort(history)[percentile]))
+    return clip / current if current > clip else 1.0
+
+
+def trust_ratio(cfg: LarsConfig, p_norm: float, g_norm: float, gamma: float) -> float:
+    """Step 3: the classic LARS trust ratio r (with the LARC clip)."""
+    if p_norm > 0 and g_norm > 0:
+        r = cfg.trust_coefficient * p_norm / (gamma * g_norm + cfg.weight_decay * p_norm + cfg.eps)
+    else:
+        r = 1.0
+    if cfg.trust_clip:
+        r = min(r / cfg.lr, 1.0) if cfg.lr > 0 else 1.0
+    return r
+
+
+def unorm_scale(max_unorm: float, p_norm: float, u_norm: float) -> float:
+    """Step 5: s, the factor that caps ||s u|| at ``max_unorm * ||p||``.
+
+    A zero parameter norm leaves the update as it is (s = 1), so tensors that
+    start at zero still train.
+    """
+    if p_norm > 0 and u_norm > max_unorm * p_norm:
+        return max_unorm * p_norm / u_norm
+    return 1.0
+
+
+def _load_momentum(state: LarsState) -> np.ndarray:
+    if state.is_8bit:
+        return quantization.dequantize_blockwise(state.codes, state.absmax).ravel()
+    return state.momentum.reshape(-1)
+
+
+def _store_momentum(state: LarsState, m: np.ndarray) -> None:
+    if state.is_8bit:
+        codes, absmax = quantization.quantize_blockwise(m)
+        state.codes[...] = codes.reshape(state.shape)
+        state.absmax[...] = absmax
+    else:
+        state.momentum[...] = m.reshape(state.shape)
+
+
+def apply_step(param: np.ndarray, grad: np.ndarray, state: LarsState, cfg: LarsConfig, fmt: str) -> None:
+    """Apply one LARS step to ``param`` and ``state`` in place (validated inputs).
+
+    The non-finite policy is the caller's: this applies the step as it is.
+    """
+    if param.size == 0:
+        return
+    t = state.step + 1
+    p = to_float32(np, param, fmt).reshape(-1)
+    g = to_float32(np, grad, fmt).reshape(-1)
+    g_norm = _norm(g)
+    p_norm = _norm(p)
+    lam = cfg.weight_decay
+
+    # 1. percentile clipping of the gradient
+    gamma = 1.0
+    if cfg.clips_percentile:
+        gamma = percentile_factor(state.history, t, g_norm * g_norm, cfg.percentile_clipping)
+
+    # 2. coupled weight decay
+    d = _f32(gamma) * g + _f32(lam) * p
+
+    # 3. trust ratio
+    if cfg.uses_trust_ratio:
+        d = _f32(trust_ratio(cfg, p_norm, g_norm, gamma)) * d
+
+    # 4. momentum
+    if cfg.uses_momentum:
+        state.ensure_momentum(np)
+        mu = _f32(cfg.momentum)
+        if t == 1:
+            m = d.copy()
+        else:
+            m = mu * _load_momentum(state) + _f32(1.0 - cfg.dampening) * d
+        u = d + mu * m if cfg.nesterov else m
+    else:
+        u = d
+
+    # 5. update-norm clipping
+    s = unorm_scale(cfg.max_unorm, p_norm, _norm(u)) if cfg.clips_update_norm else 1.0
+
+    # 6. the update
+    p_new = p - _f32(cfg.lr * s) * u
+    param[...] = from_float32(np, p_new, fmt).reshape(param.shape)
+    if cfg.uses_momentum:
+        _store_momentum(state, m)
+    state.counters[0] += 1

@@ -1,0 +1,196 @@
+"""Per-tensor LARS optimizer state, passed explicitly to every update.
+
+A :class:`LarsState` holds arrays of the same array module as its parameter
+(NumPy or CuPy), so on a GPU everything a step reads or writes, the step
+counter included, stays on the device and a step needs no host round trip:
+
+============  ==========================  =========================================
+array         dtype, shape                meaning
+============  ==========================  =========================================
+counters      int64, (2,)                 applied steps ``t``, skipped steps
+history       float32, (100,)             squared gradient norms for percentile
+                                          clipping; -1.0 = never recorded
+momentum      float32, param's shape      m (32-bit state), allocated on first use
+codes         uint8, param's shape        m as 8-bit codes (8-bit state)
+absmax        float32, (ceil(n/256),)     one scale per block of 256 codes
+============  ==========================  =========================================
+
+The momentum arrays are allocated by the first step that uses momentum, so a
+state without momentum costs 416 bytes whatever the tensor size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import quantization
+from .config import validate_min_8bit_size, validate_optim_bits
+from .formats import FORMATS
+
+__all__ = ["LarsState", "HISTORY_SIZE", "array_module"]
+
+#: Length of the percentile-clipping history of squared gradient norms.
+HISTORY_SIZE = 100
+#: History entry meaning "never recorded": squared norms are never negative.
+UNRECORDED = -1.0
+
+
+def array_module(array: Any) -> Any:
+    """``cupy`` for CuPy arrays, else ``numpy``."""
+    if type(array).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+@dataclass(eq=False)
+class LarsState:
+    """Optimizer state of one tensor (see the module docstring for the arrays).
+
+    Create it with :func:`cupylars.functional.init_state`; save it with
+    :meth:`to_dict` and restore it with :meth:`from_dict`.
+    """
+
+    shape: tuple[int, ...]
+    param_format: str
+    is_8bit: bool
+    counters: Any
+    history: Any
+    momentum: Any = None
+    codes: Any = None
+    absmax: Any = None
+
+    @classmethod
+    def create(
+        cls,
+        xp: Any,
+        shape: tuple[int, ...],
+        param_format: str,
+        *,
+        optim_bits: int = 32,
+        min_8bit_size: int = 4096,
+    ) -> LarsState:
+        optim_bits = validate_optim_bits(optim_bits)
+        min_8bit_size = validate_min_8bit_size(min_8bit_size)
+        size = int(np.prod(shape, dtype=np.int64))
+        return cls(
+            shape=tuple(int(s) for s in shape),
+            param_format=param_format,
+            is_8bit=optim_bits == 8 and size >= min_8bit_size,
+            counters=xp.zeros(2, dtype=xp.int64),
+            history=xp.full(HISTORY_SIZE, UNRECORDED, dtype=xp.float32),
+        )
+
+    # -- what users read -------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def step(self) -> int:
+        """Applied steps (reading it from a GPU state synchronises)."""
+        return int(self.counters[0])
+
+    @property
+    def skipped(self) -> int:
+        """Steps skipped for a non-finite gradient."""
+        return int(self.counters[1])
+
+    @property
+    def has_momentum(self) -> bool:
+        return self.momentum is not None or self.codes is not None
+
+    def momentum_buffer(self) -> Any:
+        """A float32 copy of m (dequantized for 8-bit state).
+
+        ``None`` before the first applied step and while momentum is unused.
+        """
+        if not self.has_momentum or self.step == 0:
+            return None
+        if self.is_8bit:
+            return quantization.dequantize_blockwise(self.codes, self.absmax)
+        return self.momentum.copy()
+
+    def nbytes(self) -> int:
+        """Bytes held by the state's arrays."""
+        arrays = (self.counters, self.history, self.momentum, self.codes, self.absmax)
+        return sum(int(a.nbytes) for a in arrays if a is not None)
+
+    # -- used by the backends --------------------------------------------------------
+    def ensure_momentum(self, xp: Any) -> None:
+        """Allocate the momentum arrays (zeros) if this state has none yet."""
+        if self.has_momentum:
+            return
+        if self.is_8bit:
+            self.codes = xp.full(self.shape, quantization.ZERO_CODE, dtype=xp.uint8)
+            self.absmax = xp.zeros(quantization.num_blocks(self.size), dtype=xp.float32)
+        else:
+            self.momentum = xp.zeros(self.shape, dtype=xp.float32)
+
+    def arrays(self) -> dict[str, Any]:
+        """The state's arrays by name (momentum arrays only once allocated)."""
+        names = ("counters", "history", "momentum", "codes", "absmax")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+    # -- persistence -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict of arrays (the state's own arrays, not copies)."""
+        out = dict(self.arrays())
+        out["shape"] = np.asarray(self.shape, dtype=np.int64)
+        out["param_format"] = np.asarray(self.param_format)
+        out["is_8bit"] = np.asarray(self.is_8bit)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LarsState:
+        """Rebuild a state from :meth:`to_dict` output, checking its consistency."""
+        missing = {"counters", "history", "shape", "param_format", "is_8bit"} - set(data)
+        if missing:
+            raise KeyError(f"state dict lacks {sorted(missing)}")
+        shape = tuple(int(s) for s in np.asarray(data["shape"]).reshape(-1))
+        param_format = str(np.asarray(data["param_format"]))
+        if param_format not in FORMATS:
+            raise ValueError(f"state dict has unknown param_format {param_format!r}")
+        state = cls(
+            shape=shape,
+            param_format=param_format,
+            is_8bit=bool(np.asarray(data["is_8bit"])),
+            counters=data["counters"],
+            history=data["history"],
+            momentum=data.get("momentum"),
+            codes=data.get("codes"),
+            absmax=data.get("absmax"),
+        )
+        state.check()
+        return state
+
+    def check(self) -> None:
+        """Raise ValueError if the arrays do not fit this state's shape and mode."""
+
+        def expect(name: str, shape: tuple[int, ...], dtype: Any) -> None:
+            a = getattr(self, name)
+            if tuple(a.shape) != shape or np.dtype(a.dtype) != np.dtype(dtype):
+                raise ValueError(
+                    f"state array {name!r} is {np.dtype(a.dtype)}{tuple(a.shape)}, "
+                    f"expected {np.dtype(dtype)}{shape}"
+                )
+
+        expect("counters", (2,), np.int64)
+        expect("history", (HISTORY_SIZE,), np.float32)
+        if self.is_8bit:
+            if self.momentum is not None:
+                raise ValueError("an 8-bit state holds codes and absmax, not a float32 momentum")
+            if (self.codes is None) != (self.absmax is None):
+                raise ValueError("an 8-bit state needs both codes and absmax")
+            if self.codes is not None:
+                expect("codes", self.shape, np.uint8)
+                expect("absmax", (quantization.num_blocks(self.size),), np.float32)
+        else:
+            if self.codes is not None or self.absmax is not None:
+                raise ValueError("a 32-bit state holds a float32 momentum, not codes")
+            if self.momentum is not None:
+                expect("momentum", self.shape, np.float32)
