@@ -257,4 +257,4 @@ def _reference_update_many(
         if ok:
             reference.apply_step(param, grad, state, cfg, fmt)
         else:
-            state.counters[1] += 1
+            state.skip_count[...] += 1

@@ -150,4 +150,4 @@ def apply_step(param: np.ndarray, grad: np.ndarray, state: LarsState, cfg: LarsC
     param[...] = from_float32(np, p_new, fmt).reshape(param.shape)
     if cfg.uses_momentum:
         _store_momentum(state, m)
-    state.counters[0] += 1
+    state.step_count[...] += 1

@@ -7,7 +7,8 @@ counter included, stays on the device and a step needs no host round trip:
 ============  ==========================  =========================================
 array         dtype, shape                meaning
 ============  ==========================  =========================================
-counters      int64, (2,)                 applied steps ``t``, skipped steps
+step_count    int64, ()                   applied steps ``t``
+skip_count    int64, ()                   steps skipped for a non-finite gradient
 history       float32, (100,)             squared gradient norms for percentile
                                           clipping; -1.0 = never recorded
 momentum      float32, param's shape      m (32-bit state), allocated on first use
@@ -58,7 +59,8 @@ class LarsState:
     shape: tuple[int, ...]
     param_format: str
     is_8bit: bool
-    counters: Any
+    step_count: Any
+    skip_count: Any
     history: Any
     momentum: Any = None
     codes: Any = None
@@ -81,7 +83,8 @@ class LarsState:
             shape=tuple(int(s) for s in shape),
             param_format=param_format,
             is_8bit=optim_bits == 8 and size >= min_8bit_size,
-            counters=xp.zeros(2, dtype=xp.int64),
+            step_count=xp.zeros((), dtype=xp.int64),
+            skip_count=xp.zeros((), dtype=xp.int64),
             history=xp.full(HISTORY_SIZE, UNRECORDED, dtype=xp.float32),
         )
 
@@ -93,12 +96,12 @@ class LarsState:
     @property
     def step(self) -> int:
         """Applied steps (reading it from a GPU state synchronises)."""
-        return int(self.counters[0])
+        return int(self.step_count)
 
     @property
     def skipped(self) -> int:
         """Steps skipped for a non-finite gradient."""
-        return int(self.counters[1])
+        return int(self.skip_count)
 
     @property
     def has_momentum(self) -> bool:
@@ -117,7 +120,7 @@ class LarsState:
 
     def nbytes(self) -> int:
         """Bytes held by the state's arrays."""
-        arrays = (self.counters, self.history, self.momentum, self.codes, self.absmax)
+        arrays = (self.step_count, self.skip_count, self.history, self.momentum, self.codes, self.absmax)
         return sum(int(a.nbytes) for a in arrays if a is not None)
 
     # -- used by the backends --------------------------------------------------------
@@ -133,7 +136,7 @@ class LarsState:
 
     def arrays(self) -> dict[str, Any]:
         """The state's arrays by name (momentum arrays only once allocated)."""
-        names = ("counters", "history", "momentum", "codes", "absmax")
+        names = ("step_count", "skip_count", "history", "momentum", "codes", "absmax")
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
     # -- persistence -----------------------------------------------------------------
@@ -148,7 +151,7 @@ class LarsState:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LarsState:
         """Rebuild a state from :meth:`to_dict` output, checking its consistency."""
-        missing = {"counters", "history", "shape", "param_format", "is_8bit"} - set(data)
+        missing = {"step_count", "skip_count", "history", "shape", "param_format", "is_8bit"} - set(data)
         if missing:
             raise KeyError(f"state dict lacks {sorted(missing)}")
         shape = tuple(int(s) for s in np.asarray(data["shape"]).reshape(-1))
@@ -159,7 +162,8 @@ class LarsState:
             shape=shape,
             param_format=param_format,
             is_8bit=bool(np.asarray(data["is_8bit"])),
-            counters=data["counters"],
+            step_count=data["step_count"],
+            skip_count=data["skip_count"],
             history=data["history"],
             momentum=data.get("momentum"),
             codes=data.get("codes"),
@@ -179,7 +183,8 @@ class LarsState:
                     f"expected {np.dtype(dtype)}{shape}"
                 )
 
-        expect("counters", (2,), np.int64)
+        expect("step_count", (), np.int64)
+        expect("skip_count", (), np.int64)
         expect("history", (HISTORY_SIZE,), np.float32)
         if self.is_8bit:
             if self.momentum is not None:
