@@ -11,7 +11,7 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["functional", "optim", "testing", "__version__"]
+__all__ = ["__version__", "functional", "optim", "testing"]
 
 
 def __getattr__(name: str) -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FORMATS", "resolve_format", "to_float32", "from_float32", "format_code"]
+__all__ = ["FORMATS", "format_code", "from_float32", "resolve_format", "to_float32"]
 
 #: Supported storage formats, in the order of their kernel codes.
 FORMATS = ("float32", "float16", "bfloat16")
@@ -32,6 +32,8 @@ def resolve_format(array: Any, dtype: str | None = None, *, name: str = "param")
     ``dtype=None`` reads the format from the array (float32 or float16);
     ``dtype="bfloat16"`` requires a ``uint16`` array of bfloat16 bit patterns.
     """
+    if not (hasattr(array, "dtype") and hasattr(array, "shape")):
+        raise TypeError(f"{name} is a {type(array).__name__}, expected a NumPy or CuPy array")
     array_dtype = np.dtype(array.dtype)
     if dtype is None:
         if array_dtype in _NATIVE:

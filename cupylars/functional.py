@@ -45,16 +45,16 @@ from .quantization import dequantize_blockwise, dynamic_map, quantize_blockwise
 from .state import LarsState, array_module
 
 __all__ = [
+    "NONFINITE_POLICIES",
     "LarsConfig",
     "LarsState",
-    "NONFINITE_POLICIES",
+    "backend_for",
+    "dequantize_blockwise",
+    "dynamic_map",
     "init_state",
     "lars_update",
     "lars_update_many",
-    "backend_for",
-    "dynamic_map",
     "quantize_blockwise",
-    "dequantize_blockwise",
 ]
 
 

@@ -26,7 +26,6 @@ hold them to it.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 
@@ -35,7 +34,7 @@ from .config import LarsConfig
 from .formats import from_float32, to_float32
 from .state import HISTORY_SIZE, LarsState
 
-__all__ = ["grad_is_finite", "apply_step", "percentile_factor", "trust_ratio", "unorm_scale"]
+__all__ = ["apply_step", "grad_is_finite", "percentile_factor", "trust_ratio", "unorm_scale"]
 
 _f32 = np.float32
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["emulated_cuda", "active_emulation"]
+__all__ = ["active_emulation", "emulated_cuda"]
 
 _ACTIVE: contextvars.ContextVar[Any] = contextvars.ContextVar("cupylars_emulation", default=None)
 

@@ -1,0 +1,45 @@
+# One command sets up and runs each job; the virtual environment lives in .venv.
+#   make demo   - install cupylars with torch and run the training demo (the main job)
+#   make test   - install the test dependencies and run the whole test suite
+#   make lint   - ruff
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch 2.13.0: on the project's machines this resolves to a local CPU build. Elsewhere pick the
+# build you want, e.g. make test TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: demo test lint gpu-check clean
+
+$(VENV)/.base: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) $(TORCH_SPEC)
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.demo: $(VENV)/.base
+	$(PIP) -e ".[torch,plot]" $(TORCH_SPEC)
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PIP) -e ".[torch,test,compile]" $(TORCH_SPEC)
+	touch $@
+
+demo: $(VENV)/.demo
+	$(PY) -m cupylars.demo $(DEMO_ARGS)
+
+test: $(VENV)/.test
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(VENV)/.test
+	$(PY) -m ruff check .
+
+# On a machine with a CUDA GPU and CuPy: GPU tests and benchmarks (installs nothing).
+gpu-check:
+	bash scripts/gpu_check
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
