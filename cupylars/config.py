@@ -11,7 +11,7 @@ import math
 import numbers
 from dataclasses import asdict, dataclass
 
-__all__ = ["LarsConfig", "NONFINITE_POLICIES", "validate_optim_bits", "validate_min_8bit_size"]
+__all__ = ["NONFINITE_POLICIES", "LarsConfig", "validate_min_8bit_size", "validate_optim_bits"]
 
 #: What a step does with a gradient holding NaN or Inf.
 NONFINITE_POLICIES = ("skip", "raise", "propagate")

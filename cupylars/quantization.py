@@ -28,10 +28,10 @@ import numpy as np
 __all__ = [
     "BLOCK_SIZE",
     "ZERO_CODE",
+    "dequantize_blockwise",
     "dynamic_map",
     "num_blocks",
     "quantize_blockwise",
-    "dequantize_blockwise",
 ]
 
 #: Elements per absmax block.

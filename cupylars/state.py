@@ -31,7 +31,7 @@ from . import quantization
 from .config import validate_min_8bit_size, validate_optim_bits
 from .formats import FORMATS
 
-__all__ = ["LarsState", "HISTORY_SIZE", "array_module"]
+__all__ = ["HISTORY_SIZE", "LarsState", "array_module"]
 
 #: Length of the percentile-clipping history of squared gradient norms.
 HISTORY_SIZE = 100
