@@ -1,0 +1,20 @@
+"""Drop-in torch.optim LARS optimizers (bitsandbytes' API) over cupylars' kernels.
+
+::
+
+    import cupylars.optim
+
+    opt = cupylars.optim.LARS8bit(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+CUDA tensors are updated by the CUDA kernels through zero-copy CuPy views
+(DLPack) on torch's current stream; CPU tensors by the NumPy reference through
+zero-copy NumPy views. See docs/torch.md.
+"""
+
+from __future__ import annotations
+
+from .lars import LARS, LARS8bit, LARS32bit
+from .manager import GlobalOptimManager
+from .recipes import exclude_bias_and_norm
+
+__all__ = ["LARS", "GlobalOptimManager", "LARS8bit", "LARS32bit", "exclude_bias_and_norm"]

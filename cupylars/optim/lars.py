@@ -1,0 +1,636 @@
+r"""torch.optim LARS optimizers backed by :mod:`cupylars.functional`."""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from copy import deepcopy
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .. import functional as F
+from ..config import LarsConfig, validate_min_8bit_size, validate_optim_bits
+from ..quantization import ZERO_CODE, num_blocks
+from ..state import HISTORY_SIZE, UNRECORDED, LarsState
+from . import bridge, checkpoint
+from .manager import GlobalOptimManager
+
+__all__ = ["HYPERPARAMETERS", "LARS", "LARS8bit", "LARS32bit"]
+
+#: Per-group hyperparameters of a step (the fields of :class:`cupylars.config.LarsConfig`).
+HYPERPARAMETERS = (
+    "lr",
+    "momentum",
+    "dampening",
+    "weight_decay",
+    "nesterov",
+    "max_unorm",
+    "percentile_clipping",
+    "trust_coefficient",
+    "trust_clip",
+    "eps",
+    "nonfinite",
+)
+# Attributes of bitsandbytes' ``args`` object that override the keyword arguments.
+_ARGS_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "max_unorm")
+
+_DOC = r"""Implements LARS with {bits}momentum state: {summary}
+
+    For each parameter tensor (one layer) with gradient :math:`g` at applied
+    step :math:`t`:
+
+    .. math::
+        \begin{{aligned}}
+        &\gamma = \text{{percentile clip factor of }} \|g\| \text{{ over the last 100 steps}}
+            \quad (\text{{percentile\_clipping}} < 100, \text{{ else }} 1) \\
+        &d = \gamma g + \lambda p \\
+        &d \leftarrow r d, \quad r = \frac{{\eta \|p\|}}{{\gamma \|g\| + \lambda \|p\| + \epsilon}}
+            \quad (\eta > 0;\ r \leftarrow \min(r / \text{{lr}}, 1) \text{{ with trust\_clip}}) \\
+        &m = d \ (t = 1), \quad m = \mu m + (1 - \delta) d \ (t > 1) \quad (\mu > 0) \\
+        &u = d + \mu m \ \text{{(nesterov)}}, \quad u = m, \quad u = d \ (\mu = 0) \\
+        &s = \min\left(1, \frac{{\text{{max\_unorm}}\, \|p\|}}{{\|u\|}}\right) \quad (\|p\| > 0) \\
+        &p \leftarrow p - \text{{lr}}\, s\, u
+        \end{{aligned}}
+
+    with :math:`\lambda` = ``weight_decay``, :math:`\eta` = ``trust_coefficient``,
+    :math:`\mu` = ``momentum`` and :math:`\delta` = ``dampening``. Norms are taken
+    over the whole tensor before the step (over all shards of a DTensor).
+
+    Args:
+        params: iterable of parameters or param-group dicts; every argument
+            below except ``args`` and ``foreach`` can be set per group, and per
+            tensor through :class:`~cupylars.optim.GlobalOptimManager`.
+        lr: learning rate, read from the group at every step (schedulers work).
+        momentum: :math:`\mu \in [0, 1)`; 0 keeps no momentum state.
+        dampening: :math:`\delta \in [0, 1)`.
+        weight_decay: :math:`\lambda \geq 0`, coupled (added to the gradient).
+        nesterov: Nesterov momentum (needs momentum > 0 and dampening 0).
+{bits_arg}        args: an object whose attributes ``optim_bits``, ``min_8bit_size``,
+            ``percentile_clipping`` and ``max_unorm``, where present, override
+            the keyword values (as bitsandbytes' ``args``).
+        min_8bit_size: tensors with fewer elements keep 32-bit momentum.
+        percentile_clipping: clip :math:`\|g\|` at this percentile of its last
+            100 values; 100 turns it off.
+        max_unorm: cap on :math:`\|\text{{update}}\| / \|p\|`; 0 turns it off.
+        trust_coefficient: :math:`\eta` of the classic LARS trust ratio
+            (keyword only); 0 (the default, as in bitsandbytes) turns it off.
+        trust_clip: LARC clipping of the trust ratio (keyword only).
+        eps: :math:`\epsilon` of the trust ratio (keyword only).
+        nonfinite: a tensor whose gradient holds NaN/Inf is ``"skip"``-ped
+            (``state["skipped"]`` counts it), or the step ``"raise"``-s
+            ``FloatingPointError`` before updating anything, or ``"propagate"``-s
+            (keyword only).
+        foreach: ``None``/``True`` updates the tensors of one device, format and
+            hyperparameters in one call (a constant number of kernel launches on
+            CUDA); ``False`` updates them one by one. Results are identical.
+
+    State per tensor (torch tensors on the parameter's device, see
+    :mod:`cupylars.optim.checkpoint`): ``step``, ``skipped``, ``state1``
+    (float32 momentum, or uint8 codes with ``absmax1``), ``gnorm_vec`` (with
+    percentile clipping). 8-bit momentum of ``n`` elements takes
+    ``n + 4 * ceil(n / 256)`` bytes.
+
+    :attr:`backends` maps each device to the backend that updated it at the
+    last step, and why.
+    """
+
+
+@dataclass
+class _Work:
+    """One tensor of a step: what to update and how."""
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    cfg: LarsConfig
+    optim_bits: int
+    min_8bit_size: int
+    fmt: str
+    label: str
+    sharded: bool
+    foreach: bool
+
+
+def _fingerprint(tensor: torch.Tensor | None) -> Any:
+    # What a cached array view depends on: the same memory, seen the same way.
+    if tensor is None:
+        return None
+    return (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride(), tensor.device)
+
+
+def _read_args(args: Any) -> dict[str, Any]:
+    return {key: getattr(args, key) for key in _ARGS_KEYS if hasattr(args, key)}
+
+
+class LARS(Optimizer):
+    __doc__ = _DOC.format(
+        bits="",
+        summary="32-bit, or 8-bit blockwise for tensors of at least ``min_8bit_size`` "
+        "elements when ``optim_bits=8``.",
+        bits_arg="        optim_bits: 32, or 8 for 8-bit blockwise momentum.\n",
+    )
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float | torch.Tensor,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        optim_bits: int = 32,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        max_unorm: float = 0.02,
+        *,
+        trust_coefficient: float = 0.0,
+        trust_clip: bool = False,
+        eps: float = 1e-8,
+        nonfinite: str = "skip",
+        foreach: bool | None = None,
+    ) -> None:
+        options = {
+            "optim_bits": optim_bits,
+            "min_8bit_size": min_8bit_size,
+            "percentile_clipping": percentile_clipping,
+            "max_unorm": max_unorm,
+        }
+        if args is not None:
+            options.update(_read_args(args))
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "trust_coefficient": trust_coefficient,
+            "trust_clip": trust_clip,
+            "eps": eps,
+            "nonfinite": nonfinite,
+            "foreach": foreach,
+            **options,
+        }
+        _group_config(defaults, None, "defaults")  # validate before anything is built
+        self._init_runtime()
+        super().__init__(params, defaults)
+
+    # -- construction and pickling ---------------------------------------------------
+
+    def _init_runtime(self) -> None:
+        # Caches and reports that are rebuilt, never saved.
+        self._views: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._scratch: dict[tuple[str, torch.device], Any] = {}
+        self._device_backends: dict[torch.device, bridge.DeviceBackend] = {}
+        self._warned: set[str] = set()
+        #: Device -> the backend that updated its tensors at the last step, and why.
+        self.backends: dict[str, str] = {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._init_runtime()  # also drops every cached view after load_state_dict
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group; its hyperparameters and tensors are validated first."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        label = f"param group {len(self.param_groups) - 1}"
+        try:
+            _group_config(group, None, label)
+            for i, p in enumerate(group["params"]):
+                bridge.storage_format(p, f"{label} parameter {i}")
+                if p.is_sparse:
+                    raise TypeError(f"{label} parameter {i} is sparse; LARS updates dense tensors")
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    # -- the step --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step.
+
+        Args:
+            closure: reevaluates the model and returns the loss (optional).
+
+        Everything (hyperparameters, gradients, states) is checked before any
+        tensor is written; parameters without a gradient are skipped.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        work = self._collect()
+        if not work:
+            return loss
+        for w in work:
+            self._prepare_state(w)
+        dense = [w for w in work if not w.sharded]
+        self._raise_on_nonfinite(dense)
+        shards = [w for w in work if w.sharded]
+        if shards:
+            from . import sharded  # needs torch.distributed, which only DTensor users have
+
+            # Runs before the dense update so that its "raise" leaves every tensor untouched.
+            sharded.sharded_step(
+                [
+                    sharded.ShardedWork(w.param, w.grad, self.state[w.param], w.cfg, w.fmt, w.label)
+                    for w in shards
+                ]
+            )
+            self.backends["sharded"] = "reference math on shards with all-reduced norms"
+        if dense:
+            self._update_dense(dense)
+        # The arrays wrote the parameters behind autograd's back: tell it, so a backward
+        # through a graph that saved the old values fails loudly instead of silently.
+        torch.autograd.graph.increment_version([bridge.local_tensor(w.param) for w in work])
+        return loss
+
+    def _collect(self) -> list[_Work]:
+        manager = GlobalOptimManager.get_instance()
+        work: list[_Work] = []
+        for gi, group in enumerate(self.param_groups):
+            base: tuple[LarsConfig, int, int] | None = None
+            names = group.get("param_names")
+            for pi, p in enumerate(group["params"]):
+                grad = p.grad
+                if grad is None:
+                    continue
+                label = f"parameter {names[pi]!r}" if names else f"parameter {pi} of param group {gi}"
+                if grad.is_sparse or grad.layout != torch.strided:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients: {label} has a "
+                        f"{grad.layout} gradient (use sparse=False in the embedding, or a sparse optimizer)"
+                    )
+                fmt = bridge.storage_format(p, label)
+                if grad.dtype != p.dtype:
+                    raise TypeError(f"{label} is {p.dtype} but its gradient is {grad.dtype}")
+                if grad.shape != p.shape:
+                    raise ValueError(f"{label} has shape {tuple(p.shape)}, its gradient {tuple(grad.shape)}")
+                if grad.device != p.device:
+                    raise ValueError(f"{label} is on {p.device}, its gradient on {grad.device}")
+                is_sharded = bridge.is_dtensor(p)
+                if is_sharded != bridge.is_dtensor(grad):
+                    raise TypeError(
+                        f"{label}: the parameter and its gradient must both be DTensors or neither"
+                    )
+                override = manager.config_for(gi, pi, p)
+                if override is None:
+                    if base is None:
+                        base = _group_config(group, None, f"param group {gi}")
+                    config = base
+                else:
+                    config = _group_config(group, override, f"{label} (with GlobalOptimManager overrides)")
+                foreach = group.get("foreach", None) is not False
+                work.append(_Work(p, grad, *config, fmt, label, is_sharded, foreach))
+        return work
+
+    def _prepare_state(self, w: _Work) -> None:
+        """Create, translate or move ``w``'s state so that the update can take views of it."""
+        p = w.param
+        state = self.state[p]
+        if state and not checkpoint.is_canonical(state):
+            # Written directly (ZeroRedundancyOptimizer.load_state_dict does) in a foreign layout.
+            state = checkpoint.import_param_state(p, state, label=w.label)
+            self.state[p] = state
+        device = bridge.local_tensor(p).device
+        for key, value in state.items():
+            # Zero-dim counters may have been moved to the CPU (ZeroRedundancyOptimizer does),
+            # or the model moved after the state was created.
+            if isinstance(value, torch.Tensor) and not bridge.is_dtensor(value) and value.device != device:
+                state[key] = value.to(device)
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.int64, device=device)
+            state["skipped"] = torch.zeros((), dtype=torch.int64, device=device)
+        if w.cfg.uses_momentum and "state1" not in state:
+            is_8bit = w.optim_bits == 8 and p.numel() >= w.min_8bit_size
+            if w.sharded:
+                from . import sharded
+
+                state.update(sharded.new_momentum_state(p, is_8bit))
+            elif is_8bit:
+                state["state1"] = torch.full(p.shape, ZERO_CODE, dtype=torch.uint8, device=device)
+                state["absmax1"] = torch.zeros(num_blocks(p.numel()), dtype=torch.float32, device=device)
+            else:
+                state["state1"] = torch.zeros(p.shape, dtype=torch.float32, device=device)
+        if w.cfg.clips_percentile and "gnorm_vec" not in state:
+            state["gnorm_vec"] = torch.full((HISTORY_SIZE,), UNRECORDED, dtype=torch.float32, device=device)
+
+    def _raise_on_nonfinite(self, dense: list[_Work]) -> None:
+        # One update call per device and configuration: check every "raise" tensor up front
+        # so that no call has updated anything when another raises.
+        bad = [
+            w.label for w in dense if w.cfg.nonfinite == "raise" and not bool(torch.isfinite(w.grad).all())
+        ]
+        if bad:
+            raise FloatingPointError(f"non-finite gradient in {', '.join(bad)}; nothing was updated")
+
+    # -- dense tensors ---------------------------------------------------------------
+
+    def _backend(self, device: torch.device) -> bridge.DeviceBackend:
+        backend = self._device_backends.get(device)
+        if backend is None:
+            backend = self._device_backends[device] = bridge.backend_for_device(device)
+            if not backend.zero_copy and backend.reason not in self._warned:
+                self._warned.add(backend.reason)
+                warnings.warn(f"cupylars.optim: {backend.reason}", RuntimeWarning, stacklevel=4)
+        return backend
+
+    def _update_dense(self, dense: list[_Work]) -> None:
+        # Group per device, hyperparameters and dtype argument: each group is one update call
+        # (float32 and float16 tensors share one; bfloat16 must be declared, so it has its own).
+        buckets: dict[tuple[torch.device, str | None, LarsConfig, bool], list[_Work]] = {}
+        for w in dense:
+            key = (w.param.device, bridge.dtype_argument(w.fmt), w.cfg, w.foreach)
+            buckets.setdefault(key, []).append(w)
+        for (device, dtype, cfg, foreach), items in buckets.items():
+            backend = self._backend(device)
+            if backend.zero_copy:
+                self._update_views(backend, items, cfg, dtype, foreach)
+            else:
+                self._update_host_copies(backend, items, cfg, dtype, foreach)
+
+    def _update_views(
+        self,
+        backend: bridge.DeviceBackend,
+        items: list[_Work],
+        cfg: LarsConfig,
+        dtype: str | None,
+        foreach: bool,
+    ) -> None:
+        with backend.context():
+            params, grads, states, copied = [], [], [], []
+            for w in items:
+                param, state = self._cached_views(backend, w)
+                if param is None:
+                    # The CUDA kernels address dense memory: a strided parameter (channels_last,
+                    # a slice) is updated in a contiguous copy and copied back.
+                    dense_copy = w.param.detach().contiguous()
+                    copied.append((w.param, dense_copy))
+                    param = backend.view(dense_copy)
+                grad = w.grad if w.grad.is_contiguous() else w.grad.contiguous()
+                params.append(param)
+                grads.append(backend.view(grad))
+                states.append(state)
+            _run(params, grads, states, cfg, dtype, foreach)
+            for param, dense_copy in copied:
+                param.detach().copy_(dense_copy)
+        chosen = F.backend_for(params[:1])
+        self.backends[str(backend.device)] = f"{chosen.name}: {chosen.reason}; {backend.reason}"
+
+    def _cached_views(self, backend: bridge.DeviceBackend, w: _Work) -> tuple[Any, LarsState]:
+        """Array views of a parameter and its state, rebuilt only when a storage changed."""
+        p = w.param.detach()
+        state = self.state[w.param]
+        tensors = (p, *(state.get(k) for k in ("step", "skipped", "state1", "absmax1", "gnorm_vec")))
+        key = (backend.array_module, w.fmt, *map(_fingerprint, tensors))
+        cached = self._views.get(w.param)
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        param = backend.view(p) if p.is_contiguous() else None
+        arrays = {k: backend.view(v) for k, v in state.items()}
+        lars_state = self._lars_state(w, arrays, self._scratch_history(backend))
+        self._views[w.param] = (key, param, lars_state)
+        return param, lars_state
+
+    def _scratch_history(self, backend: bridge.DeviceBackend) -> Any:
+        # States without percentile clipping keep no history tensor; the update never writes
+        # the history then, so one array per device serves them all.
+        key = (backend.array_module, backend.device)
+        if key not in self._scratch:
+            self._scratch[key] = backend.scratch_history()
+        return self._scratch[key]
+
+    @staticmethod
+    def _lars_state(w: _Work, arrays: dict[str, Any], history: Any) -> LarsState:
+        """A LarsState around arrays of the state tensors (keyed like the state)."""
+        s1 = arrays.get("state1")
+        is_8bit = s1.dtype == "uint8" if s1 is not None else w.optim_bits == 8
+        return LarsState(
+            shape=tuple(w.param.shape),
+            param_format=w.fmt,
+            is_8bit=bool(is_8bit),
+            step_count=arrays["step"],
+            skip_count=arrays["skipped"],
+            history=arrays.get("gnorm_vec", history),
+            momentum=None if is_8bit else s1,
+            codes=s1 if is_8bit else None,
+            absmax=arrays.get("absmax1"),
+        )
+
+    def _update_host_copies(
+        self,
+        backend: bridge.DeviceBackend,
+        items: list[_Work],
+        cfg: LarsConfig,
+        dtype: str | None,
+        foreach: bool,
+    ) -> None:
+        params, grads, states, written = [], [], [], []
+        for w in items:
+            host_param, param = backend.stage(w.param)
+            written.append((w.param, host_param))
+            params.append(param)
+            grads.append(backend.stage(w.grad)[1])
+            state = self.state[w.param]
+            host_state = {k: backend.stage(v) for k, v in state.items()}
+            written.extend((state[k], host) for k, (host, _) in host_state.items())
+            arrays = {k: array for k, (_, array) in host_state.items()}
+            states.append(self._lars_state(w, arrays, backend.scratch_history()))
+        _run(params, grads, states, cfg, dtype, foreach)
+        for tensor, host in written:
+            backend.commit(tensor, host)
+        self.backends[str(backend.device)] = backend.describe()
+
+    # -- checkpoints -----------------------------------------------------------------
+
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by this class, bitsandbytes' LARS or torch.optim.SGD.
+
+        Tensors are copied to each parameter's device, in the dtypes the state
+        needs (unlike torch's default, floating state is never cast to the
+        parameter's dtype and uint8 codes stay uint8). The whole state dict is
+        checked before the optimizer changes; a mismatch raises naming it.
+        """
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        saved_groups = deepcopy(state_dict["param_groups"])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, the optimizer "
+                f"{len(self.param_groups)}"
+            )
+        for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    f"param group {i} has {len(group['params'])} parameters, the loaded state dict "
+                    f"{len(saved['params'])}"
+                )
+        id_map = dict(
+            zip(
+                chain.from_iterable(g["params"] for g in saved_groups),
+                chain.from_iterable(g["params"] for g in self.param_groups),
+            )
+        )
+        groups = []
+        for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            merged = checkpoint.import_param_group(saved, group, label=f"param group {i}")
+            _group_config(merged, None, f"loaded param group {i}")
+            groups.append(merged)
+        state: dict[Any, Any] = {}
+        for key, value in state_dict["state"].items():
+            if key in id_map:
+                p = id_map[key]
+                state[p] = checkpoint.import_param_state(p, value, label=f"state of parameter {key}")
+            else:
+                state[key] = value  # kept as is, as torch does, for state not tied to a parameter
+        new_state: defaultdict[Any, Any] = defaultdict(dict)
+        new_state.update(state)
+        self.__setstate__({"state": new_state, "param_groups": groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+
+def _run(
+    params: list[Any],
+    grads: list[Any],
+    states: list[LarsState],
+    cfg: LarsConfig,
+    dtype: str | None,
+    foreach: bool,
+) -> None:
+    """The multi-tensor path (one call) or the per-tensor path (one call per tensor)."""
+    hyperparameters = cfg.as_dict()
+    if foreach:
+        F.lars_update_many(params, grads, states, dtype=dtype, **hyperparameters)
+    else:
+        for param, grad, state in zip(params, grads, states):
+            F.lars_update_many([param], [grad], [state], dtype=dtype, **hyperparameters)
+
+
+def _scalar(label: str, key: str, value: Any) -> Any:
+    # A scheduler may hold lr as a tensor; the step needs a number.
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{label}: {key} must be a number, got a tensor of shape {tuple(value.shape)}")
+        return value.item()
+    return value
+
+
+def _group_config(
+    group: dict[str, Any], override: dict[str, Any] | None, label: str
+) -> tuple[LarsConfig, int, int]:
+    """The validated step configuration of a group (with per-tensor overrides)."""
+    values = {key: group[key] for key in (*HYPERPARAMETERS, "optim_bits", "min_8bit_size")}
+    if override:
+        values.update(override)
+    try:
+        optim_bits = validate_optim_bits(values.pop("optim_bits"))
+        min_8bit_size = validate_min_8bit_size(values.pop("min_8bit_size"))
+        cfg = LarsConfig(**{k: _scalar(label, k, v) for k, v in values.items()})
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{label}: {exc}") from None
+    foreach = group.get("foreach")
+    if foreach is not None and not isinstance(foreach, bool):
+        raise TypeError(f"{label}: foreach must be None or a bool, got {foreach!r}")
+    return cfg, optim_bits, min_8bit_size
+
+
+class LARS8bit(LARS):
+    __doc__ = _DOC.format(
+        bits="8-bit ",
+        summary="blockwise 8-bit codes for tensors of at least ``min_8bit_size`` elements, "
+        "float32 for smaller ones.",
+        bits_arg="",
+    )
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float | torch.Tensor,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        max_unorm: float = 0.02,
+        *,
+        trust_coefficient: float = 0.0,
+        trust_clip: bool = False,
+        eps: float = 1e-8,
+        nonfinite: str = "skip",
+        foreach: bool | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            momentum,
+            dampening,
+            weight_decay,
+            nesterov,
+            8,
+            args,
+            min_8bit_size,
+            percentile_clipping,
+            max_unorm,
+            trust_coefficient=trust_coefficient,
+            trust_clip=trust_clip,
+            eps=eps,
+            nonfinite=nonfinite,
+            foreach=foreach,
+        )
+
+
+class LARS32bit(LARS):
+    __doc__ = _DOC.format(bits="32-bit ", summary="float32 momentum for every tensor.", bits_arg="")
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float | torch.Tensor,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        max_unorm: float = 0.02,
+        *,
+        trust_coefficient: float = 0.0,
+        trust_clip: bool = False,
+        eps: float = 1e-8,
+        nonfinite: str = "skip",
+        foreach: bool | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            momentum,
+            dampening,
+            weight_decay,
+            nesterov,
+            32,
+            args,
+            min_8bit_size,
+            percentile_clipping,
+            max_unorm,
+            trust_coefficient=trust_coefficient,
+            trust_clip=trust_clip,
+            eps=eps,
+            nonfinite=nonfinite,
+            foreach=foreach,
+        )

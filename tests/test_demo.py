@@ -1,0 +1,68 @@
+"""The training demo (python -m cupylars.demo), run with tiny settings."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from cupylars import demo  # noqa: E402
+
+
+def test_dataset_is_deterministic_balanced_and_standardised():
+    x, y = demo.make_dataset(500, seed=3)
+    x2, y2 = demo.make_dataset(500, seed=3)
+    assert x.shape == (500, 1, 16, 16) and x.dtype == np.float32 and y.dtype == np.int64
+    assert np.array_equal(x, x2) and np.array_equal(y, y2)
+    assert not np.array_equal(x, demo.make_dataset(500, seed=4)[0])
+    assert np.bincount(y, minlength=10).tolist() == [50] * 10
+    assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 1e-3
+
+
+def test_demo_trains_and_prints_the_table(tmp_path, capsys):
+    args = ["--train-size", "1024", "--test-size", "256", "--batch-size", "256", "--epochs", "3",
+            "--width", "16", "--plot", str(tmp_path / "loss.png")]  # fmt: skip
+    assert demo.main(args) == 0
+    out = capsys.readouterr().out
+    assert "epoch 3/3" in out  # progress while it runs
+    rows = {}
+    for line in out.splitlines():
+        cells = line.split()
+        if cells and cells[0] in ("LARS32bit", "LARS8bit", "SGD") and "%" in line:
+            rows[cells[0]] = cells
+    assert set(rows) == {"LARS32bit", "LARS8bit", "SGD"}
+    for name, (_, loss, accuracy, _bytes, step_ms, train_s) in rows.items():
+        assert np.isfinite(float(loss)) and float(step_ms) > 0 and float(train_s) > 0
+        if name.startswith("LARS"):  # learning after 12 large-batch steps
+            assert float(loss) < 2.0, name  # chance level is log(10) = 2.30
+            assert float(accuracy.rstrip("%")) > 30.0, name
+    state_bytes = {name: int(cells[3].replace(",", "")) for name, cells in rows.items()}
+    assert state_bytes["LARS8bit"] < state_bytes["LARS32bit"]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in out
+    else:
+        assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_demo_subset_and_bad_arguments(capsys):
+    assert demo.main(["--optimizers", "Adam"]) == 2
+    assert "unknown optimizer" in capsys.readouterr().err
+    assert demo.main(["--epochs", "0"]) == 2
+
+
+def test_module_help():
+    result = subprocess.run(
+        [sys.executable, "-m", "cupylars.demo", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert re.search(r"--batch-size", result.stdout) and "LARS8bit" in result.stdout
