@@ -1,0 +1,303 @@
+// Shared definitions of the LARS kernels (see docs/kernels.md).
+//
+// Everything here is plain CUDA C++ that NVRTC compiles for the GPU and the
+// CPU shim (rawkernels/cpu_shim) compiles with g++, so the emulated tests run
+// exactly this code.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace lars {
+
+// ---- launch geometry ---------------------------------------------------------------
+// The Python launcher (cupylars/cuda.py) mirrors these numbers; tests check the
+// two agree. (Enumerators rather than constexpr variables: NVRTC would emit
+// those as device globals.)
+enum Geometry : int {
+  kThreads = 256,               // threads of a stats / update block
+  kWarps = kThreads / 32,       // warps of a stats / update block
+  kTile = 256,                  // elements a warp handles per iteration
+  kQBlock = 256,                // elements per 8-bit absmax block (== kTile)
+  kFinalizeThreads = 128,       // threads of a finalize block (>= kHistory)
+  kHistory = 100,               // percentile-clipping history length
+  kSums = 6,                    // dot products gathered per block
+  // Occupancy floors for __launch_bounds__: 4 blocks cap the update pass at 64
+  // registers a thread; the stats pass (six float64 accumulators) gets 80. Either
+  // keeps far more than the ~20 KB per SM of loads in flight that saturate HBM.
+  kStatsMinBlocks = 3,
+  kUpdateMinBlocks = 4,
+};
+
+static_assert(kTile == kQBlock, "a warp tile must be exactly one quantization block");
+static_assert(kTile == 32 * 8, "each lane owns two quads (8 elements) of a tile");
+static_assert(kFinalizeThreads >= kHistory, "one finalize thread per history entry");
+
+// Storage formats of params/grads (cupylars.formats.FORMATS order).
+enum Format : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+// How the momentum state is stored (or that the pass does not touch it).
+enum StateMode : int { kNoState = 0, kState32 = 1, kState8 = 2 };
+
+// Indices into the per-block partial sums (and the finalize totals).
+enum Sum : int { kGG = 0, kPP = 1, kMM = 2, kGP = 3, kGM = 4, kPM = 5 };
+
+// ---- metadata ----------------------------------------------------------------------
+// Tensor table: one row of kTensorFields int64 per (non-empty) tensor.
+enum TensorField : int {
+  kFieldParam = 0,    // address of p (storage format)
+  kFieldGrad = 1,     // address of g (storage format)
+  kFieldState = 2,    // address of m (float32) or of the 8-bit codes; 0 = none yet
+  kFieldAbsmax = 3,   // address of the absmax array (8-bit state), else 0
+  kFieldStep = 4,     // address of step_count (int64)
+  kFieldSkip = 5,     // address of skip_count (int64)
+  kFieldHistory = 6,  // address of history (float32[100])
+  kFieldSize = 7,     // number of elements n
+  kFieldFirstBlock = 8,  // index of the tensor's first block in the block table
+  kFieldNumBlocks = 9,   // number of blocks (chunks) of the tensor
+  kFieldVector = 10,     // 1 when p, g and m allow 16-byte (quad) accesses
+  kTensorFields = 12,    // row stride (two spare fields keep rows 32-byte aligned)
+};
+
+// Block table: one int64 per block, (tensor row << 32) | chunk index.
+__device__ __forceinline__ int block_tensor(long long entry) { return static_cast<int>(entry >> 32); }
+__device__ __forceinline__ long long block_chunk(long long entry) { return entry & 0xffffffffLL; }
+
+// Per-tensor result of the finalize pass, read by the update pass.
+enum CoefFlag : int { kCoefSkip = 1, kCoefFirst = 2 };
+struct TensorCoef {
+  float gamma;  // percentile clipping factor (float32, as applied)
+  float r;      // trust ratio (float32, as applied)
+  float lrs;    // lr * s, the update-norm clipped step size
+  int flags;    // CoefFlag bits
+};
+
+// Bits of the finalize pass's `switches` argument.
+enum Switch : int {
+  kSwitchPercentile = 1,
+  kSwitchTrust = 2,
+  kSwitchTrustClip = 4,
+  kSwitchMomentum = 8,
+  kSwitchNesterov = 16,
+  kSwitchUnorm = 32,
+};
+// Non-finite policies (cupylars.config.NONFINITE_POLICIES order).
+enum Policy : int { kPolicySkip = 0, kPolicyRaise = 1, kPolicyPropagate = 2 };
+
+template <typename T>
+__device__ __forceinline__ T* address(const long long* row, int field) {
+  return reinterpret_cast<T*>(static_cast<unsigned long long>(row[field]));
+}
+
+// ---- storage formats -----------------------------------------------------------------
+template <int F>
+struct Storage;
+template <>
+struct Storage<kF32> {
+  using T = float;
+};
+template <>
+struct Storage<kF16> {
+  using T = __half;
+};
+template <>
+struct Storage<kBF16> {
+  using T = __nv_bfloat16;
+};
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// float32 -> storage format, round to nearest even. bfloat16 is rounded with
+// integer arithmetic exactly as cupylars.formats.from_float32 does (a NaN keeps
+// its sign and top payload bits, made quiet), so both backends store the same bits.
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  const unsigned int bits = __float_as_uint(x);
+  const unsigned int rounded =
+      (x != x) ? ((bits >> 16) | 0x0040u) : ((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+  __nv_bfloat16_raw raw;
+  raw.x = static_cast<unsigned short>(rounded);
+  return __nv_bfloat16(raw);
+}
+
+// Four consecutive elements, aligned to their full size so that a quad is
+// one 16-byte (float32) or 8-byte (16-bit formats) memory access.
+template <typename T>
+struct alignas(4 * sizeof(T)) Quad {
+  T v[4];
+};
+struct alignas(4) Codes4 {
+  unsigned char v[4];
+};
+
+__device__ __forceinline__ void zero_quad(float* out) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) out[k] = 0.0f;
+}
+
+// Loads elements [e, e+4) of x as float32 into out; elements at or past n read
+// as 0. `vec` says the base address allows aligned quad accesses.
+template <typename T>
+__device__ __forceinline__ void load_quad(const T* x, long long e, long long n, bool vec, float* out) {
+  if (vec && e + 4 <= n) {
+    const Quad<T> q = *reinterpret_cast<const Quad<T>*>(x + e);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) out[k] = to_float(q.v[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) out[k] = (e + k < n) ? to_float(x[e + k]) : 0.0f;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_quad(T* x, long long e, long long n, bool vec, const float* in) {
+  if (vec && e + 4 <= n) {
+    Quad<T> q;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) q.v[k] = from_float<T>(in[k]);
+    *reinterpret_cast<Quad<T>*>(x + e) = q;
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      if (e + k < n) x[e + k] = from_float<T>(in[k]);
+  }
+}
+
+__device__ __forceinline__ void load_codes(const unsigned char* c, long long e, long long n, bool vec,
+                                           unsigned char* out) {
+  if (vec && e + 4 <= n) {
+    const Codes4 q = *reinterpret_cast<const Codes4*>(c + e);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) out[k] = q.v[k];
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) out[k] = (e + k < n) ? c[e + k] : static_cast<unsigned char>(127);
+  }
+}
+
+__device__ __forceinline__ void store_codes(unsigned char* c, long long e, long long n, bool vec,
+                                            const unsigned char* in) {
+  if (vec && e + 4 <= n) {
+    Codes4 q;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) q.v[k] = in[k];
+    *reinterpret_cast<Codes4*>(c + e) = q;
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      if (e + k < n) c[e + k] = in[k];
+  }
+}
+
+// ---- deterministic reductions ---------------------------------------------------------
+// A butterfly leaves the same value in every lane (addition is commutative, so
+// lanes i and i^o add the same two numbers) and the tree is fixed: the result
+// does not depend on scheduling.
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// max that propagates NaN, like numpy's max (fmaxf would drop it).
+__device__ __forceinline__ float nan_max(float a, float b) {
+  if (a != a) return a;
+  if (b != b) return b;
+  return b > a ? b : a;
+}
+
+__device__ __forceinline__ float warp_nan_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sums kSums values over the block, in a fixed order; the result is valid in
+// thread 0. `scratch` holds kWarpsIn * kSums doubles of shared memory.
+template <int kWarpsIn>
+__device__ __forceinline__ void block_sums(double* v, double* scratch) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int j = 0; j < kSums; ++j) v[j] = warp_sum(v[j]);
+  if (lane == 0) {
+#pragma unroll
+    for (int j = 0; j < kSums; ++j) scratch[warp * kSums + j] = v[j];
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int j = 0; j < kSums; ++j) {
+      double total = scratch[j];
+      for (int w = 1; w < kWarpsIn; ++w) total += scratch[w * kSums + j];
+      v[j] = total;
+    }
+  }
+}
+
+// ---- 8-bit blockwise quantization -------------------------------------------------------
+// The code book in shared memory: `book` in ascending order, and `tree` the
+// same values as an implicit binary search tree (node i has children 2i and
+// 2i+1, node 1 is book[128]), so that each level of the search reads
+// neighbouring words and a warp's lookups spread over the banks.
+struct CodeBook {
+  float book[256];
+  float tree[256];
+};
+
+// Fills `cb` from the global map; needs a __syncthreads() before use.
+__device__ __forceinline__ void load_code_book(CodeBook& cb, const float* __restrict__ map, bool with_tree) {
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+    cb.book[i] = map[i];
+    if (with_tree && i > 0) {
+      int depth = 0;  // i in [2^depth, 2^(depth+1))
+      while ((2 << depth) <= i) ++depth;
+      cb.tree[i] = map[(2 * (i - (1 << depth)) + 1) << (7 - depth)];
+    }
+  }
+}
+
+// The rounding rule of cupylars/quantization.py: with lo the largest index
+// with book[lo] <= x, the code is lo when x - book[lo] <= book[lo+1] - x (float32
+// arithmetic), else lo+1; x < book[0] gives 0, x >= book[255] and NaN give 255
+// (NaN sorts after every value in numpy's searchsorted).
+__device__ __forceinline__ unsigned char nearest_code(const CodeBook& cb, float x) {
+  if (x != x) return 255;
+  if (x < cb.book[0]) return 0;
+  if (x >= cb.book[255]) return 255;
+  int node = 1;
+#pragma unroll
+  for (int level = 0; level < 8; ++level) node = 2 * node + (x >= cb.tree[node] ? 1 : 0);
+  const int lo = node - 256;  // count of book[1..255] <= x, i.e. the largest index with book[lo] <= x
+  const float below = x - cb.book[lo];
+  const float above = cb.book[lo + 1] - x;
+  return static_cast<unsigned char>(below <= above ? lo : lo + 1);
+}
+
+// Quantizes the 256 values of one block, spread as 8 per lane over a warp.
+// Returns the block's absmax (NaN if any value is NaN), writes the codes.
+__device__ __forceinline__ float quantize_tile(const CodeBook& cb, const float* m, unsigned char* codes) {
+  float local = 0.0f;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) local = nan_max(local, fabsf(m[k]));
+  const float absmax = warp_nan_max(local);
+  // As quantize_blockwise: scale by absmax unless it is not > 0; a zero block is all 127.
+  const float safe = absmax > 0.0f ? absmax : 1.0f;
+#pragma unroll
+  for (int k = 0; k < 8; ++k)
+    codes[k] = absmax == 0.0f ? static_cast<unsigned char>(127) : nearest_code(cb, m[k] / safe);
+  return absmax;
+}
+
+}  // namespace lars

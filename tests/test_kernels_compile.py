@@ -1,0 +1,228 @@
+"""Every kernel in rawkernels/ compiles for sm_80 and sm_90 without register spills.
+
+NVRTC comes from the ``cuda-bindings`` + ``nvidia-cuda-nvrtc`` wheels and the
+CUDA headers from ``nvidia-cuda-runtime`` (the ``compile`` extra), so no GPU and
+no CUDA toolkit are needed; the same check through ``nvcc`` runs where one is
+installed. ``python tests/test_kernels_compile.py`` prints the ptxas table.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cupylars import cuda
+
+ARCHS = ("sm_80", "sm_90")
+_ENTRY = re.compile(
+    r"Compiling entry function '(?P<name>\w+)' for '(?P<arch>sm_\d+a?)'.*?"
+    r"(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes spill stores, "
+    r"(?P<loads>\d+) bytes spill loads.*?"
+    r"Used (?P<regs>\d+) registers",
+    re.S,
+)
+
+
+def parse_ptxas(log: str) -> dict[str, dict[str, int]]:
+    """ptxas -v output -> {kernel: {regs, stack, spill_stores, spill_loads}}."""
+    out = {}
+    for m in _ENTRY.finditer(log):
+        out[m["name"]] = {
+            "regs": int(m["regs"]),
+            "stack": int(m["stack"]),
+            "spill_stores": int(m["stores"]),
+            "spill_loads": int(m["loads"]),
+        }
+    return out
+
+
+def _nvrtc():
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError:
+        pytest.skip(
+            "NVRTC not installed: pip install cuda-bindings nvidia-cuda-nvrtc nvidia-cuda-runtime "
+            "(the 'compile' extra) to compile the kernels without a GPU"
+        )
+    try:
+        nvrtc.nvrtcVersion()
+    except Exception as e:  # the bindings load libnvrtc lazily
+        pytest.skip(f"cuda-bindings is installed but libnvrtc does not load ({e}): install nvidia-cuda-nvrtc")
+    return nvrtc
+
+
+def _include_dirs() -> list[str]:
+    dirs = cuda.cuda_include_dirs()
+    if not dirs:
+        pytest.skip("no CUDA headers (cuda_fp16.h): pip install nvidia-cuda-runtime")
+    return dirs
+
+
+def nvrtc_compile(arch: str) -> tuple[str, bytes]:
+    """Compile lars_kernels.cu to a cubin with NVRTC; returns (ptxas log, cubin)."""
+    nvrtc = _nvrtc()
+    source, _ = cuda.kernel_sources()
+
+    def check(result, prog=None):
+        err, *rest = result
+        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            log = _log(prog) if prog is not None else ""
+            raise AssertionError(f"NVRTC failed ({err}) for {arch}:\n{log}")
+        return rest[0] if len(rest) == 1 else rest
+
+    def _log(prog) -> str:
+        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+        buf = b" " * size
+        nvrtc.nvrtcGetProgramLog(prog, buf)
+        return buf.rstrip(b"\0 ").decode(errors="replace")
+
+    prog = check(nvrtc.nvrtcCreateProgram(source.read_bytes(), source.name.encode(), 0, [], []))
+    try:
+        options = [
+            b"--std=c++17",
+            f"--gpu-architecture={arch}".encode(),
+            f"-I{source.parent}".encode(),
+            *[f"-I{d}".encode() for d in _include_dirs()],
+            b"--ptxas-options=-v",
+        ]
+        check(nvrtc.nvrtcCompileProgram(prog, len(options), options), prog)
+        log = _log(prog)
+        size = check(nvrtc.nvrtcGetCUBINSize(prog))
+        cubin = b" " * size
+        check(nvrtc.nvrtcGetCUBIN(prog, cubin))
+        return log, cubin
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+_CACHE: dict[str, tuple[str, bytes]] = {}
+
+
+def _compiled(arch: str) -> tuple[str, bytes]:
+    if arch not in _CACHE:
+        _CACHE[arch] = nvrtc_compile(arch)
+    return _CACHE[arch]
+
+
+def _check_report(report: dict[str, dict[str, int]], arch: str, log: str) -> None:
+    missing = set(cuda.kernel_names()) - set(report)
+    assert not missing, f"ptxas reported no entry for {sorted(missing)} on {arch}:\n{log}"
+    spilled = {k: v for k, v in report.items() if v["spill_stores"] or v["spill_loads"]}
+    assert not spilled, f"register spills on {arch}: {spilled}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_nvrtc_compiles_every_kernel_without_spills(arch):
+    log, cubin = _compiled(arch)
+    assert cubin, "NVRTC produced no cubin"
+    _check_report(parse_ptxas(log), arch, log)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_nvrtc_compiles_without_warnings(arch):
+    log, _ = _compiled(arch)
+    warnings = [line for line in log.splitlines() if "warning" in line.lower()]
+    assert not warnings, "\n".join(warnings)
+
+
+def _nvcc() -> str:
+    path = shutil.which("nvcc") or next(
+        (p for p in ("/usr/local/cuda/bin/nvcc", "/usr/local/bin/nvcc") if Path(p).exists()), None
+    )
+    if path is None:
+        pytest.skip("nvcc not found")
+    return path
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_nvcc_compiles_every_kernel_without_spills(arch, tmp_path):
+    nvcc = _nvcc()
+    source, _ = cuda.kernel_sources()
+    cmd = [
+        nvcc,
+        "-std=c++17",
+        f"-arch={arch}",
+        "-cubin",
+        "-Xptxas=-v",
+        f"-I{source.parent}",
+        "-o",
+        str(tmp_path / "lars.cubin"),
+        str(source),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log
+    _check_report(parse_ptxas(log), arch, log)
+
+
+# ---- the launcher mirrors the header's numbers --------------------------------------------------
+def _header_enums() -> dict[str, int]:
+    _, header = cuda.kernel_sources()
+    text = header.read_text()
+    values: dict[str, int] = {}
+    for name, expr in re.findall(r"\b(k[A-Z]\w*)\s*=\s*([^,/\n};]+)", text):
+        expr = expr.strip().rstrip(",")
+        try:
+            values[name] = int(eval(expr, {}, dict(values)))  # small integer expressions of earlier names
+        except Exception:
+            continue
+    return values
+
+
+def test_launcher_constants_match_the_header():
+    h = _header_enums()
+    assert cuda.THREADS == h["kThreads"]
+    assert cuda.FINALIZE_THREADS == h["kFinalizeThreads"]
+    assert cuda.TILE == h["kTile"] == h["kQBlock"]
+    assert cuda.SUMS == h["kSums"]
+    assert cuda.TENSOR_FIELDS == h["kTensorFields"]
+    fields = {
+        "FIELD_PARAM": "kFieldParam",
+        "FIELD_GRAD": "kFieldGrad",
+        "FIELD_STATE": "kFieldState",
+        "FIELD_ABSMAX": "kFieldAbsmax",
+        "FIELD_STEP": "kFieldStep",
+        "FIELD_SKIP": "kFieldSkip",
+        "FIELD_HISTORY": "kFieldHistory",
+        "FIELD_SIZE": "kFieldSize",
+        "FIELD_FIRST_BLOCK": "kFieldFirstBlock",
+        "FIELD_NUM_BLOCKS": "kFieldNumBlocks",
+        "FIELD_VECTOR": "kFieldVector",
+        "SWITCH_PERCENTILE": "kSwitchPercentile",
+        "SWITCH_TRUST": "kSwitchTrust",
+        "SWITCH_TRUST_CLIP": "kSwitchTrustClip",
+        "SWITCH_MOMENTUM": "kSwitchMomentum",
+        "SWITCH_NESTEROV": "kSwitchNesterov",
+        "SWITCH_UNORM": "kSwitchUnorm",
+        "NO_STATE": "kNoState",
+        "STATE_32": "kState32",
+        "STATE_8": "kState8",
+    }
+    for py, c in fields.items():
+        assert getattr(cuda, py) == h[c], (py, c)
+    assert (h["kPolicySkip"], h["kPolicyRaise"], h["kPolicyPropagate"]) == (0, 1, 2)
+    from cupylars.config import NONFINITE_POLICIES
+
+    assert NONFINITE_POLICIES == ("skip", "raise", "propagate")
+    assert cuda.CHUNK_SIZE % cuda.TILE == 0
+
+
+def test_every_entry_point_is_in_the_source():
+    source, _ = cuda.kernel_sources()
+    text = source.read_text()
+    entries = set(re.findall(r"LARS_ENTRIES\((\w+), lars::\w+, (\w+), lars::\w+\)", text))
+    names = {f"lars_{kind}_{f}_{s}" for f, s in entries for kind in ("stats", "update")}
+    assert names | {"lars_finalize"} == set(cuda.kernel_names())
+
+
+if __name__ == "__main__":  # print the register / spill table
+    for arch in sys.argv[1:] or ARCHS:
+        log, _ = nvrtc_compile(arch)
+        print(f"{arch}: kernel, registers, stack bytes, spill stores, spill loads")
+        for name, r in sorted(parse_ptxas(log).items()):
+            print(f"  {name:28s} {r['regs']:4d} {r['stack']:4d} {r['spill_stores']:4d} {r['spill_loads']:4d}")

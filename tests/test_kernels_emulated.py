@@ -1,0 +1,490 @@
+"""The CUDA kernels, run on the CPU by the emulator, against the NumPy reference.
+
+Each step starts the reference from a copy of the kernels' own state, so the two
+never drift apart and every step is compared on its own: the kernels use fused
+multiply-adds and take ||u|| from dot products, so they agree with the reference
+to float32 rounding, not bit for bit; 8-bit codes may differ by one code where m
+sits on a rounding boundary.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from lars_cases import (
+    SHAPES,
+    compare_step,
+    dtype_arg,
+    hyperparameters,
+    random_grad,
+    random_problem,
+    to_storage,
+    values_of,
+)
+
+from cupylars import cuda
+from cupylars import functional as F
+from cupylars.testing import emulated_cuda
+
+# A mark rather than a module-level skip: tests/test_kernels_gpu.py imports the helpers below.
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("cupylars._emulator") is None,
+    reason="the CPU emulator (cupylars/_emulator.py) is not available",
+)
+
+FORMATS = ["float32", "float16", "bfloat16"]
+SMALL_CHUNK = 512  # several chunks per tensor from a few thousand elements
+
+# Every switch on at once: the richest path through all three passes.
+FULL = {
+    "lr": 0.1,
+    "momentum": 0.9,
+    "weight_decay": 1e-2,
+    "trust_coefficient": 0.02,
+    "max_unorm": 0.05,
+    "percentile_clipping": 50,
+}
+
+# One entry per switch (and the combinations the update formula distinguishes).
+CONFIGS = {
+    "plain": {"lr": 0.1, "max_unorm": 0.0},
+    "unorm_only": {"lr": 0.5},
+    "momentum": {"lr": 0.1, "momentum": 0.9, "max_unorm": 0.0},
+    "momentum_unorm": {"lr": 0.1, "momentum": 0.9, "max_unorm": 0.01},
+    "dampening": {"lr": 0.1, "momentum": 0.5, "dampening": 0.3, "max_unorm": 0.02},
+    "nesterov": {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3, "max_unorm": 0.02},
+    "nesterov_no_unorm": {"lr": 0.05, "momentum": 0.9, "nesterov": True, "max_unorm": 0.0},
+    "weight_decay": {"lr": 0.1, "weight_decay": 0.1, "max_unorm": 0.02},
+    "trust": {"lr": 0.5, "momentum": 0.9, "trust_coefficient": 0.01, "weight_decay": 1e-4},
+    "trust_clip": {"lr": 0.01, "momentum": 0.9, "trust_coefficient": 0.01, "trust_clip": True},
+    "trust_clip_lr0": {"lr": 0.0, "trust_coefficient": 0.01, "trust_clip": True},
+    "percentile": {"lr": 0.1, "momentum": 0.5, "percentile_clipping": 20, "max_unorm": 0.0},
+    "percentile_5": {"lr": 0.1, "percentile_clipping": 5, "weight_decay": 1e-3},
+    "full": FULL,
+    "propagate": {**FULL, "nonfinite": "propagate"},
+    "raise": {**FULL, "nonfinite": "raise"},
+}
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(cuda, "CHUNK_SIZE", SMALL_CHUNK)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def _ulp(values: np.ndarray, fmt: str) -> np.ndarray:
+    mant = {"float32": 23, "float16": 10, "bfloat16": 7}[fmt]
+    tiny = {"float32": 2.0**-149, "float16": 2.0**-24, "bfloat16": 2.0**-133}[fmt]
+    exp = np.floor(np.log2(np.maximum(np.abs(values), 1e-300)))
+    return np.maximum(2.0 ** (exp - mant), tiny)
+
+
+def _assert_param_close(got, want, before, fmt, what):
+    g, w, b = (values_of(a, fmt).ravel() for a in (got, want, before))
+    assert np.array_equal(np.isnan(g), np.isnan(w)), f"{what}: NaN positions differ"
+    finite = ~np.isnan(w)
+    g, w, b = g[finite], w[finite], b[finite]
+    step = np.max(np.abs(w - b), initial=0.0)  # the largest update of the tensor
+    tol = _ulp(w, fmt) + 1e-5 * step + 1e-30
+    bad = np.abs(g - w) > tol
+    assert not bad.any(), (
+        f"{what}: {bad.sum()} of {bad.size} differ, e.g. at {np.flatnonzero(bad)[:4]}: "
+        f"got {g[bad][:4]}, want {w[bad][:4]} (tol {tol[bad][:4]})"
+    )
+
+
+def _assert_state_close(got: F.LarsState, want: F.LarsState, prev: F.LarsState, hp: dict, what: str) -> None:
+    """``got`` (kernels) against ``want`` (reference), both one step after ``prev``."""
+    assert got.step == want.step, f"{what}: step {got.step} != {want.step}"
+    assert got.skipped == want.skipped, f"{what}: skipped {got.skipped} != {want.skipped}"
+    np.testing.assert_allclose(got.history, want.history, rtol=2e-6, atol=0, err_msg=f"{what}: history")
+    assert got.has_momentum or not want.has_momentum, f"{what}: momentum missing"
+    if not want.has_momentum or want.step == 0:
+        return
+    m_want = want.momentum_buffer().ravel()
+    m_got = got.momentum_buffer().ravel()
+    nan = np.isnan(m_want)  # nonfinite='propagate' carries NaN into m
+    assert np.array_equal(np.isnan(m_got), nan), f"{what}: NaN positions of m differ"
+    if got.is_8bit:
+        differ = got.codes.ravel() != want.codes.ravel()
+        assert differ.mean() <= 0.01, f"{what}: {differ.mean():.2%} of codes differ"
+        gap = np.abs(got.codes.ravel().astype(int) - want.codes.ravel().astype(int))
+        assert gap.max(initial=0) <= 1, f"{what}: codes differ by {gap.max()}"
+        np.testing.assert_allclose(got.absmax, want.absmax, rtol=1e-5, atol=1e-30, err_msg=what)
+        scale = np.repeat(want.absmax, 256)[: m_want.size][~nan]
+        assert np.all(np.abs(m_got - m_want)[~nan] <= 0.02 * scale + 1e-30), f"{what}: dequantized m"
+    else:
+        # m = mu m_old + (1 - dampening) d rounds at the size of its terms, which
+        # can be far larger than m itself where they cancel.
+        old = prev.momentum_buffer() if prev.step > 0 and prev.has_momentum else None
+        carried = np.zeros_like(m_want) if old is None else np.abs(hp.get("momentum", 0.0) * old.ravel())
+        terms = np.abs(m_want) + 2 * carried  # bounds |mu m_old| + |(1 - dampening) d|
+        scale = np.max(terms[~np.isnan(terms)], initial=0.0) + 1e-30
+        np.testing.assert_allclose(m_got[~nan], m_want[~nan], rtol=0, atol=1e-6 * scale, err_msg=what)
+
+
+def _make(rng, shapes, fmt, bits, min_8bit_size=0):
+    params = [random_problem(rng, s, fmt) for s in shapes]
+    states = [
+        F.init_state(p, optim_bits=bits, min_8bit_size=min_8bit_size, dtype=dtype_arg(fmt)) for p in params
+    ]
+    return params, states
+
+
+def step_and_compare(params, grads, states, hp, dtype, what=""):
+    """One emulated step, checked against the reference run from the same state."""
+    ref_params = [p.copy() for p in params]
+    ref_states = copy.deepcopy(states)
+    prev_states = copy.deepcopy(states)
+    before = [p.copy() for p in params]
+    ref_error = emu_error = None
+    try:
+        F.lars_update_many(ref_params, grads, ref_states, dtype=dtype, **hp)
+    except FloatingPointError as e:
+        ref_error = e
+    try:
+        with emulated_cuda():
+            F.lars_update_many(params, grads, states, dtype=dtype, **hp)
+    except FloatingPointError as e:
+        emu_error = e
+    assert (ref_error is None) == (emu_error is None), (ref_error, emu_error)
+    if emu_error is not None:
+        assert str(emu_error) == str(ref_error)
+    for i, (p, rp, b, fmt) in enumerate(zip(params, ref_params, before, _formats(params, dtype))):
+        label = f"{what} tensor {i} {p.shape} {fmt}"
+        _assert_param_close(p, rp, b, fmt, label)
+        _assert_state_close(states[i], ref_states[i], prev_states[i], hp, label)
+
+
+def _formats(params, dtype):
+    return ["bfloat16" if dtype == "bfloat16" else str(p.dtype) for p in params]
+
+
+def _grads(rng, params, fmt):
+    return [random_grad(rng, p.shape, fmt) for p in params]
+
+
+# ---- shapes x formats x state --------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_every_shape_format_and_state_over_10_steps(shape, fmt, bits):
+    rng = np.random.default_rng(zlib.crc32(repr((shape, fmt, bits)).encode()))
+    params, states = _make(rng, [shape], fmt, bits)
+    for t in range(10):
+        step_and_compare(params, _grads(rng, params, fmt), states, FULL, dtype_arg(fmt), f"step {t}")
+    assert states[0].step == 10
+
+
+# ---- every switch, mixed tensor list, several chunks per tensor ----------------------------------
+MIXED_SHAPES = [(1,), (3,), (255,), (257,), (513,), (1024,), (33, 65), (4097,)]
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_every_switch_on_a_mixed_list(name, bits, small_chunks):
+    hp = CONFIGS[name]
+    fmt = "bfloat16" if bits == 8 else "float32"
+    rng = np.random.default_rng(len(name) * 7 + bits)
+    # min_8bit_size splits the list into 8-bit and float32 state
+    params, states = _make(rng, MIXED_SHAPES, fmt, bits, min_8bit_size=256)
+    for t in range(10):
+        step_and_compare(params, _grads(rng, params, fmt), states, hp, dtype_arg(fmt), f"{name} step {t}")
+    assert all(s.step == 10 for s in states)
+
+
+def test_float32_and_float16_tensors_in_one_call(small_chunks):
+    rng = np.random.default_rng(5)
+    shapes = [(1,), (700,), (2049,), (16,), (1500,)]
+    fmts = ["float32", "float16", "float16", "float32", "float32"]
+    params = [random_problem(rng, s, f) for s, f in zip(shapes, fmts)]
+    states = [F.init_state(p, optim_bits=8, min_8bit_size=1000) for p in params]
+    for t in range(6):
+        grads = [random_grad(rng, p.shape, f) for p, f in zip(params, fmts)]
+        step_and_compare(params, grads, states, FULL, None, f"step {t}")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    hp=hyperparameters(),
+    fmt=st.sampled_from(FORMATS),
+    bits=st.sampled_from([32, 8]),
+    sizes=st.lists(st.integers(1, 2600), min_size=1, max_size=4),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_random_hyperparameters(hp, fmt, bits, sizes, seed):
+    rng = np.random.default_rng(seed)
+    params, states = _make(rng, [(n,) for n in sizes], fmt, bits, min_8bit_size=512)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cuda, "CHUNK_SIZE", 768)
+        for t in range(3):
+            step_and_compare(params, _grads(rng, params, fmt), states, hp, dtype_arg(fmt), f"step {t}")
+
+
+def test_default_chunking_of_a_large_tensor():
+    rng = np.random.default_rng(14)
+    n = 2 * cuda.CHUNK_SIZE + 1000  # three chunks of the default size, the last one short
+    params, states = _make(rng, [(n,), (5,)], "float16", 8, min_8bit_size=4096)
+    for t in range(3):
+        step_and_compare(params, _grads(rng, params, "float16"), states, FULL, None, f"step {t}")
+
+
+def test_percentile_history_wraps_around():
+    rng = np.random.default_rng(15)
+    params, states = _make(rng, [(300,)], "float32", 32)
+    hp = {"lr": 0.01, "momentum": 0.9, "percentile_clipping": 10}
+    for t in range(105):  # past the 100 history entries
+        grads = [random_grad(rng, (300,), "float32") * np.float32(1 + (t % 7))]
+        step_and_compare(params, grads, states, hp, None, f"step {t}")
+    assert states[0].step == 105
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.sampled_from(SHAPES),
+    fmt=st.sampled_from(FORMATS),
+    bits=st.sampled_from([32, 8]),
+    hp=hyperparameters(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_against_the_independent_float64_spec(shape, fmt, bits, hp, seed):
+    """The kernels against tests/spec64.py, as tests/test_reference.py holds the reference."""
+    rng = np.random.default_rng(seed)
+    param = random_problem(rng, shape, fmt)
+    state = F.init_state(param, optim_bits=bits, min_8bit_size=256, dtype=dtype_arg(fmt))
+
+    def update(p, g, st):
+        with emulated_cuda():
+            F.lars_update(p, g, st, dtype=dtype_arg(fmt), **hp)
+
+    for _ in range(15):
+        compare_step(param, random_grad(rng, shape, fmt), state, hp, fmt, update)
+    assert state.step == 15
+
+
+# ---- special values ------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [32, 8])
+def test_zero_parameters_and_zero_gradients(bits, small_chunks):
+    rng = np.random.default_rng(1)
+    params = [np.zeros(700, np.float32), np.zeros(300, np.float32), random_problem(rng, (600,), "float32")]
+    states = [F.init_state(p, optim_bits=bits, min_8bit_size=0) for p in params]
+    grads = [random_grad(rng, (700,), "float32"), np.zeros(300, np.float32), np.zeros(600, np.float32)]
+    for t in range(3):
+        step_and_compare(params, grads, states, FULL, None, f"step {t}")
+
+
+def test_momentum_switched_on_after_plain_steps():
+    rng = np.random.default_rng(2)
+    params, states = _make(rng, [(600,)], "float32", 32)
+    for t in range(2):
+        step_and_compare(params, _grads(rng, params, "float32"), states, CONFIGS["plain"], None, f"plain {t}")
+    for t in range(3):  # t > 1 with a fresh (zero) momentum buffer
+        step_and_compare(params, _grads(rng, params, "float32"), states, FULL, None, f"momentum {t}")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the reference's float32 history
+def test_large_values_stay_finite_in_the_norms():
+    rng = np.random.default_rng(3)
+    params = [to_storage(rng.standard_normal(3000) * 1e18, "float32")]
+    states = [F.init_state(params[0])]
+    grads = [to_storage(rng.standard_normal(3000) * 3e18, "float32")]
+    step_and_compare(params, grads, states, FULL, None)
+
+
+# ---- non-finite gradients ------------------------------------------------------------------------
+def _poison(grads, index, value=np.nan):
+    grads[index] = grads[index].copy()
+    flat = grads[index].reshape(-1)
+    flat[min(5, flat.size - 1)] = value
+    return grads
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_skip_leaves_only_the_bad_tensor_untouched(bits, small_chunks):
+    rng = np.random.default_rng(4)
+    params, states = _make(rng, [(600,), (1300,), (50,)], "float32", bits)
+    step_and_compare(params, _grads(rng, params, "float32"), states, FULL, None, "warm-up")
+    for value in (np.nan, np.inf, -np.inf):
+        grads = _poison(_grads(rng, params, "float32"), 1, value)
+        snap = [p.copy() for p in params], copy.deepcopy(states)
+        step_and_compare(params, grads, states, FULL, None, f"skip {value}")
+        np.testing.assert_array_equal(params[1], snap[0][1])
+        for k, a in snap[1][1].arrays().items():
+            if k != "skip_count":
+                np.testing.assert_array_equal(getattr(states[1], k), a, err_msg=k)
+        assert not np.array_equal(params[0], snap[0][0])
+    assert [s.skipped for s in states] == [0, 3, 0]
+    assert [s.step for s in states] == [4, 1, 4]
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_raise_modifies_nothing(bits, small_chunks):
+    rng = np.random.default_rng(6)
+    params, states = _make(rng, [(600,), (1300,)], "float32", bits)
+    grads = _poison(_grads(rng, params, "float32"), 1)
+    snap = [p.copy() for p in params]
+    with emulated_cuda(), pytest.raises(FloatingPointError, match=r"tensor\(s\) \[1\]"):
+        F.lars_update_many(params, grads, states, **{**FULL, "nonfinite": "raise"})
+    for p, s in zip(params, snap):
+        np.testing.assert_array_equal(p, s)
+    assert all(s.step == 0 and s.skipped == 0 and not s.has_momentum for s in states)
+    assert all((s.history == -1).all() for s in states)
+    # and a finite step afterwards works from the untouched state
+    step_and_compare(params, _grads(rng, params, "float32"), states, {**FULL, "nonfinite": "raise"}, None)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the reference computing with NaN and Inf
+@pytest.mark.parametrize("percentile", [100, 50])
+@pytest.mark.parametrize("bits", [32, 8])
+def test_propagate_matches_the_reference(bits, percentile, small_chunks):
+    rng = np.random.default_rng(7)
+    params, states = _make(rng, [(600,), (1300,)], "float32", bits)
+    hp = {**FULL, "nonfinite": "propagate", "percentile_clipping": percentile}
+    step_and_compare(params, _grads(rng, params, "float32"), states, hp, None, "warm-up")
+    grads = _poison(_grads(rng, params, "float32"), 1, np.nan)
+    step_and_compare(params, grads, states, hp, None, "nan")
+    assert states[1].step == 2 and states[1].skipped == 0
+    # a NaN in the history sorts last, as in numpy.sort
+    fresh = [random_problem(rng, (700,), "float32")]
+    fresh_states = [F.init_state(fresh[0])]
+    for t, poison in enumerate([None, np.nan, np.inf, None]):
+        grads = _grads(rng, fresh, "float32")
+        if poison is not None:
+            grads = _poison(grads, 0, poison)
+        step_and_compare(fresh, grads, fresh_states, hp, None, f"history {t}")
+
+
+# ---- the launcher ------------------------------------------------------------------------------
+def _run(params, grads, states, hp=FULL, dtype=None):
+    with emulated_cuda():
+        F.lars_update_many(params, grads, states, dtype=dtype, **hp)
+
+
+@pytest.mark.parametrize("n_tensors", [1, 7, 40])
+def test_launch_count_does_not_depend_on_the_number_of_tensors(n_tensors, small_chunks):
+    rng = np.random.default_rng(n_tensors)
+    shapes = [(int(rng.integers(1, 1500)),) for _ in range(n_tensors)]
+    params, states = _make(rng, shapes, "float32", 32)
+    with cuda.record_launches() as launches:
+        _run(params, _grads(rng, params, "float32"), states)
+    assert [name for name, _, _ in launches] == [
+        "lars_stats_f32_state32",
+        "lars_finalize",
+        "lars_update_f32_state32",
+    ]
+    chunks = sum(-(-s[0] // SMALL_CHUNK) for s in shapes)
+    assert launches[0][1] == (chunks,) and launches[2][1] == (chunks,)
+    assert launches[1][1] == (n_tensors,)
+
+
+def test_launches_per_kernel_variant_not_per_tensor(small_chunks):
+    rng = np.random.default_rng(8)
+    params, states = _make(rng, [(100,)] * 30 + [(3000,)] * 30, "float16", 8, min_8bit_size=1000)
+    with cuda.record_launches() as launches:
+        _run(params, _grads(rng, params, "float16"), states)
+    assert sorted(name for name, _, _ in launches) == sorted(
+        [
+            "lars_stats_f16_state32",
+            "lars_stats_f16_state8",
+            "lars_finalize",
+            "lars_update_f16_state32",
+            "lars_update_f16_state8",
+        ]
+    )
+    # without momentum the stats pass needs no state: one launch per pass
+    with cuda.record_launches() as launches:
+        _run(params, _grads(rng, params, "float16"), states, {"lr": 0.1})
+    names = [n for n, _, _ in launches]
+    assert names == ["lars_stats_f16_nostate", "lars_finalize", "lars_update_f16_nostate"]
+
+
+def test_two_runs_are_bitwise_identical(small_chunks):
+    def run():
+        rng = np.random.default_rng(9)
+        params, states = _make(rng, [(1,), (700,), (2500,), (33, 65)], "bfloat16", 8, min_8bit_size=600)
+        for _ in range(4):
+            _run(params, _grads(rng, params, "bfloat16"), states, FULL, "bfloat16")
+        return params, states
+
+    (p1, s1), (p2, s2) = run(), run()
+    for a, b in zip(p1, p2):
+        assert a.tobytes() == b.tobytes()
+    for a, b in zip(s1, s2):
+        for k, arr in a.arrays().items():
+            assert arr.tobytes() == getattr(b, k).tobytes(), k
+
+
+def test_steady_state_steps_upload_no_tables(monkeypatch):
+    backend = cuda.emulated_backend()
+    backend._plans.clear()  # a freed array's address may come back: start from no cached tables
+    uploads = []
+    original = backend.runtime.upload
+    monkeypatch.setattr(backend.runtime, "upload", lambda host: uploads.append(host.size) or original(host))
+    rng = np.random.default_rng(10)
+    params, states = _make(rng, [(300,), (5000,)], "float32", 32)
+    grads = _grads(rng, params, "float32")
+    for _ in range(3):  # new gradient values in the same arrays, as a training loop has
+        for g, new in zip(grads, _grads(rng, params, "float32")):
+            g[...] = new
+        _run(params, grads, states)
+    assert len(uploads) == 1
+    _run(params, _grads(rng, params, "float32"), states)  # gradients in new arrays: new tables
+    assert len(uploads) == 2
+    params.append(np.ones(10, np.float32))
+    states.append(F.init_state(params[-1]))
+    grads.append(np.ones(10, np.float32))
+    _run(params, grads, states)
+    assert len(uploads) == 3
+
+
+def test_unaligned_views_take_the_scalar_path():
+    rng = np.random.default_rng(11)
+    base_p = random_problem(rng, (2001,), "float32")
+    base_g = random_grad(rng, (2001,), "float32")
+    params = [base_p[1:]]  # 4 bytes past a 16-byte boundary
+    grads = [base_g[1:]]
+    assert params[0].__array_interface__["data"][0] % 16 != 0
+    states = [F.init_state(params[0])]
+    for t in range(3):
+        step_and_compare(params, grads, states, FULL, None, f"step {t}")
+
+
+def test_empty_tensors_are_a_no_op():
+    rng = np.random.default_rng(12)
+    empty = np.zeros((0, 3), np.float32)
+    params = [empty, random_problem(rng, (300,), "float32")]
+    states = [F.init_state(p) for p in params]
+    grads = [np.zeros((0, 3), np.float32), random_grad(rng, (300,), "float32")]
+    step_and_compare(params, grads, states, FULL, None)
+    assert states[0].step == 0 and states[1].step == 1
+    with cuda.record_launches() as launches:
+        _run([empty], [empty.copy()], [states[0]])
+    assert launches == [] and states[0].step == 0
+
+
+def test_non_contiguous_and_read_only_arrays_are_rejected():
+    rng = np.random.default_rng(13)
+    p = random_problem(rng, (64, 8), "float32")
+    g = random_grad(rng, (64, 8), "float32")
+    pt = p.T  # transposed view: not C-contiguous
+    state = F.init_state(pt)
+    with emulated_cuda(), pytest.raises(ValueError, match="C-contiguous"):
+        F.lars_update(pt, np.ascontiguousarray(g.T), state, lr=0.1)
+    assert state.step == 0
+    ro = p.copy()
+    ro.flags.writeable = False
+    with emulated_cuda(), pytest.raises(ValueError, match="read-only"):
+        F.lars_update(ro, g, F.init_state(ro), lr=0.1)
+
+
+def test_backend_reports_why_it_was_chosen():
+    with emulated_cuda():
+        backend = F.backend_for([np.zeros(3, np.float32)])
+    assert backend.name == "emulated-cuda"
+    assert "emulated_cuda" in backend.reason
