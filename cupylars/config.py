@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 __all__ = ["NONFINITE_POLICIES", "LarsConfig", "validate_min_8bit_size", "validate_optim_bits"]
 
@@ -123,3 +123,7 @@ class LarsConfig:
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+#: Names of the step's hyperparameters (the fields of :class:`LarsConfig`).
+HYPERPARAMETERS = tuple(f.name for f in fields(LarsConfig))

@@ -26,6 +26,7 @@ hold them to it.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -103,6 +104,25 @@ def _store_momentum(state: LarsState, m: np.ndarray) -> None:
         state.momentum[...] = m.reshape(state.shape)
 
 
+def update_direction(
+    cfg: LarsConfig, t: int, g: Any, p: Any, m_old: Any, gamma: float, r: float
+) -> tuple[Any, Any]:
+    """Steps 2-4, elementwise in float32: the update direction u and the new momentum m.
+
+    ``g``, ``p`` and ``m_old`` are float32 vectors (NumPy, or any array module);
+    ``m_old`` is ignored at ``t == 1`` and without momentum, when ``m`` is None.
+    ``gamma`` and ``r`` come from :func:`percentile_factor` and :func:`trust_ratio`.
+    """
+    d = _f32(gamma) * g + _f32(cfg.weight_decay) * p  # 2. coupled weight decay
+    if cfg.uses_trust_ratio:
+        d = _f32(r) * d  # 3. trust ratio
+    if not cfg.uses_momentum:
+        return d, None
+    mu = _f32(cfg.momentum)  # 4. momentum
+    m = d.copy() if t == 1 else mu * m_old + _f32(1.0 - cfg.dampening) * d
+    return (d + mu * m if cfg.nesterov else m), m
+
+
 def apply_step(param: np.ndarray, grad: np.ndarray, state: LarsState, cfg: LarsConfig, fmt: str) -> None:
     """Apply one LARS step to ``param`` and ``state`` in place (validated inputs).
 
@@ -115,38 +135,22 @@ def apply_step(param: np.ndarray, grad: np.ndarray, state: LarsState, cfg: LarsC
     g = to_float32(np, grad, fmt).reshape(-1)
     g_norm = _norm(g)
     p_norm = _norm(p)
-    lam = cfg.weight_decay
 
-    # 1. percentile clipping of the gradient
-    gamma = 1.0
+    gamma = 1.0  # 1. percentile clipping of the gradient
     if cfg.clips_percentile:
         gamma = percentile_factor(state.history, t, g_norm * g_norm, cfg.percentile_clipping)
-
-    # 2. coupled weight decay
-    d = _f32(gamma) * g + _f32(lam) * p
-
-    # 3. trust ratio
-    if cfg.uses_trust_ratio:
-        d = _f32(trust_ratio(cfg, p_norm, g_norm, gamma)) * d
-
-    # 4. momentum
+    r = trust_ratio(cfg, p_norm, g_norm, gamma) if cfg.uses_trust_ratio else 1.0
+    m_old = None
     if cfg.uses_momentum:
         state.ensure_momentum(np)
-        mu = _f32(cfg.momentum)
-        if t == 1:
-            m = d.copy()
-        else:
-            m = mu * _load_momentum(state) + _f32(1.0 - cfg.dampening) * d
-        u = d + mu * m if cfg.nesterov else m
-    else:
-        u = d
+        if t > 1:
+            m_old = _load_momentum(state)
+    u, m = update_direction(cfg, t, g, p, m_old, gamma, r)
 
-    # 5. update-norm clipping
+    # 5. update-norm clipping, 6. the update
     s = unorm_scale(cfg.max_unorm, p_norm, _norm(u)) if cfg.clips_update_norm else 1.0
-
-    # 6. the update
     p_new = p - _f32(cfg.lr * s) * u
     param[...] = from_float32(np, p_new, fmt).reshape(param.shape)
-    if cfg.uses_momentum:
+    if m is not None:
         _store_momentum(state, m)
     state.step_count[...] += 1

@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import functional as F
-from ..config import LarsConfig, validate_min_8bit_size, validate_optim_bits
+from ..config import HYPERPARAMETERS, LarsConfig, validate_min_8bit_size, validate_optim_bits
 from ..quantization import ZERO_CODE, num_blocks
 from ..state import HISTORY_SIZE, UNRECORDED, LarsState
 from . import bridge, checkpoint
@@ -23,20 +23,6 @@ from .manager import GlobalOptimManager
 
 __all__ = ["HYPERPARAMETERS", "LARS", "LARS8bit", "LARS32bit"]
 
-#: Per-group hyperparameters of a step (the fields of :class:`cupylars.config.LarsConfig`).
-HYPERPARAMETERS = (
-    "lr",
-    "momentum",
-    "dampening",
-    "weight_decay",
-    "nesterov",
-    "max_unorm",
-    "percentile_clipping",
-    "trust_coefficient",
-    "trust_clip",
-    "eps",
-    "nonfinite",
-)
 # Attributes of bitsandbytes' ``args`` object that override the keyword arguments.
 _ARGS_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "max_unorm")
 

@@ -24,28 +24,12 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..config import LarsConfig, validate_min_8bit_size, validate_optim_bits
+from ..config import HYPERPARAMETERS, LarsConfig, validate_min_8bit_size, validate_optim_bits
 
 __all__ = ["OVERRIDABLE", "GlobalOptimManager"]
 
 #: Keys that ``override_config`` accepts: every per-group hyperparameter of the LARS optimizers.
-OVERRIDABLE = frozenset(
-    {
-        "lr",
-        "momentum",
-        "dampening",
-        "weight_decay",
-        "nesterov",
-        "max_unorm",
-        "percentile_clipping",
-        "trust_coefficient",
-        "trust_clip",
-        "eps",
-        "nonfinite",
-        "optim_bits",
-        "min_8bit_size",
-    }
-)
+OVERRIDABLE = frozenset((*HYPERPARAMETERS, "optim_bits", "min_8bit_size"))
 
 
 def _validate(config: Mapping[str, Any]) -> dict[str, Any]:

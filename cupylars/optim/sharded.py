@@ -234,7 +234,6 @@ def _direction(it: _Prepared, p_norm: float, g_norm: float, g_sq: float) -> tupl
     """Steps 1-4 of the reference on the shard: the update direction u and the new momentum m."""
     w = it.work
     cfg, state = w.cfg, w.state
-    f32 = np.float32
     t = int(state["step"].item()) + 1
 
     gamma = 1.0
@@ -247,20 +246,9 @@ def _direction(it: _Prepared, p_norm: float, g_norm: float, g_sq: float) -> tupl
         if host.data_ptr() != history.data_ptr():
             history.copy_(host)
 
-    d = f32(gamma) * it.g32 + f32(cfg.weight_decay) * it.p32
-    if cfg.uses_trust_ratio:
-        d = f32(reference.trust_ratio(cfg, p_norm, g_norm, gamma)) * d
-
-    m = None
-    if cfg.uses_momentum:
-        mu = f32(cfg.momentum)
-        if t == 1:
-            m = d.copy()
-        else:
-            m = mu * _load_momentum(it) + f32(1.0 - cfg.dampening) * d
-        u = d + mu * m if cfg.nesterov else m
-    else:
-        u = d
+    r = reference.trust_ratio(cfg, p_norm, g_norm, gamma) if cfg.uses_trust_ratio else 1.0
+    m_old = _load_momentum(it) if cfg.uses_momentum and t > 1 else None
+    u, m = reference.update_direction(cfg, t, it.g32, it.p32, m_old, gamma, r)
     return u, m, t
 
 
