@@ -25,13 +25,15 @@ the unmodified sources with g++.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +156,7 @@ def record_launches() -> Iterator[list[tuple[str, tuple[int, ...], tuple[int, ..
 # ---- runtimes: the only part that differs between the GPU and the emulator ------------------
 class _CupyRuntime:
     name = "cuda"
+    has_devices = True  # arrays may live on another device than the current one
 
     def __init__(self) -> None:
         import cupy
@@ -253,12 +256,19 @@ _EMULATED_LOCK = threading.Lock()
 class _EmulatedRuntime:
     name = "emulated-cuda"
     xp = np
+    has_devices = False
 
     def context(self) -> tuple[int, int]:
         return (-1, 0)
 
     def address(self, a: Any) -> int:
-        return int(a.__array_interface__["data"][0])
+        # A ctypes view of the buffer gives the address without building the dict of
+        # __array_interface__ (about 3x faster); it needs a writable, contiguous buffer of
+        # at least one byte, so read-only gradients take the slow way.
+        try:
+            return ctypes.addressof(ctypes.c_char.from_buffer(a))
+        except (TypeError, ValueError, BufferError):
+            return int(a.__array_interface__["data"][0])
 
     def check_devices(self, arrays: Sequence[tuple[str, Any]]) -> None:
         pass
@@ -294,19 +304,31 @@ class _EmulatedRuntime:
 
 
 # ---- metadata -----------------------------------------------------------------------------------
-@dataclass
+@dataclass(eq=False)
 class _Plan:
-    """Device tables for one list of tensors (cached while their arrays stay put)."""
+    """Tables for one list of parameters and states (cached while their arrays stay put).
 
-    table: Any  # device int64: tensor rows, then one entry per block
-    tensors: Any  # view: num_tensors x TENSOR_FIELDS
-    blocks: Any  # view: num_blocks
+    Everything here depends on the parameters and states only, except the
+    gradient column of the tensor rows, rewritten (and the rows uploaded again)
+    when the gradients move: a training loop that frees its gradients every
+    step (``zero_grad(set_to_none=True)``) pays one small upload per step.
+    """
+
+    param_addresses: list[int]  # of the live params, in the caller's order: the plan's key
+    order: list[int]  # caller's index of each tensor row
+    host_tensors: np.ndarray  # host copy of the tensor rows, num_tensors x TENSOR_FIELDS
+    vector_base: np.ndarray  # bool per row: p (and m) aligned for quad access
+    grad_width: np.ndarray  # int64 per row: the alignment a quad of the gradient needs
+    grad_addresses: list[int]  # what the device rows hold, in row order
+    tensors: Any  # device int64 view: num_tensors x TENSOR_FIELDS
+    blocks: Any  # device int64 view: num_blocks
     num_tensors: int
     num_blocks: int
     stats_launches: list[tuple[str, int, int]]  # (kernel, first block, blocks)
     update_launches: list[tuple[str, int, int]]
     block_owner: np.ndarray  # host: caller's tensor index of each block
-    keepalive: Any  # the runtime's hold on the upload's host buffer
+    keepalive: Any  # the runtime's hold on the table's upload buffer
+    rows_keepalive: Any = None  # ... and on the last re-upload of the tensor rows
 
 
 @dataclass
@@ -315,8 +337,13 @@ class _Scratch:
     coefs: Any  # int32, COEF_WORDS per tensor
 
 
-def _vector_ok(addresses: Sequence[int], widths: Sequence[int]) -> bool:
-    return all(a % w == 0 for a, w in zip(addresses, widths))
+_FLAGS = attrgetter("flags")
+_C_CONTIGUOUS = attrgetter("c_contiguous")
+
+
+def _writeable(flags: Any) -> bool:
+    # CuPy arrays have no read-only flag (cupy.ndarray.flags has no `writeable`).
+    return getattr(flags, "writeable", True)
 
 
 class CudaBackend:
@@ -331,6 +358,12 @@ class CudaBackend:
         self.chunk_size = chunk_size
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
         self._scratch: dict[tuple[int, int], _Scratch] = {}
+        # Replaced device tables and their upload buffers, let go once they are old enough
+        # that no queued kernel reads them and their copies have long run (releasing an
+        # upload buffer synchronises with its copy). A CUDA graph captured over a table
+        # keeps replaying correctly while the table is here.
+        self._retired: deque[tuple[Any, Any]] = deque()
+        self._writeable = attrgetter("writeable") if runtime.xp is np else _writeable
 
     def __repr__(self) -> str:
         return f"<cupylars CUDA backend {self.name!r}: {self.reason}>"
@@ -339,15 +372,24 @@ class CudaBackend:
     def update_many(
         self,
         params: Sequence[Any],
-        grads: Sequence[Any],
+        grads: Sequence[Any] | None,
         states: Sequence[LarsState],
         cfg: LarsConfig,
-        formats: Sequence[str],
+        checked: Any,
+        grad_addresses: Sequence[int] | None = None,
     ) -> None:
-        """One LARS step over validated tensors (see functional.lars_update_many)."""
-        self._check_arrays(params, grads, states)
-        live = [i for i, p in enumerate(params) if p.size > 0]
+        """One LARS step over validated tensors (see functional.lars_update_many).
+
+        ``checked`` is the functional layer's record of the validation (formats,
+        live tensors, a token per validated set of states). ``grad_addresses``
+        stands in for ``grads`` (then None): the addresses of contiguous
+        gradients, one per parameter, that the caller has checked against the
+        parameters (dtype, shape, device), as the torch adapter does.
+        """
+        self._check_call(params, grads, states)
+        live = checked.live
         if not live:
+            self._check_arrays(params, grads, states)  # as any call: before deciding to do nothing
             return  # empty tensors: no launch, no counter changes
         chunk = self._chunk()
         rt = self.runtime
@@ -355,12 +397,13 @@ class CudaBackend:
         stats_m = uses_m and cfg.clips_update_norm
         need_p = cfg.uses_trust_ratio or cfg.clips_update_norm
         raising = cfg.nonfinite == "raise"
-        if uses_m and not raising:
+        if uses_m and not raising and not checked.has_momentum:
             for i in live:
                 states[i].ensure_momentum(rt.xp)
+            checked.renew(states)
 
         ctx = rt.context()
-        plan = self._plan(ctx, chunk, live, params, grads, states, formats, uses_m, stats_m)
+        plan = self._plan(ctx, chunk, checked, params, grads, grad_addresses, states, uses_m, stats_m)
         scratch = self._scratch_for(ctx, plan)
         code_map = rt.code_map()
         self._launch_chunks(plan.stats_launches, plan, chunk, np.int32(need_p), code_map, scratch.partials)
@@ -372,10 +415,11 @@ class CudaBackend:
             bad = sorted({int(i) for i in plan.block_owner[~np.isfinite(gg)]})
             if bad:
                 raise FloatingPointError(f"non-finite gradient in tensor(s) {bad}; nothing was updated")
-            if uses_m and any(not states[i].has_momentum for i in live):
+            if uses_m and not checked.has_momentum:
                 for i in live:
                     states[i].ensure_momentum(rt.xp)
-                plan = self._plan(ctx, chunk, live, params, grads, states, formats, uses_m, stats_m)
+                checked.renew(states)
+                plan = self._plan(ctx, chunk, checked, params, grads, grad_addresses, states, uses_m, stats_m)
 
         self._launch(
             "lars_finalize",
@@ -425,11 +469,27 @@ class CudaBackend:
             hook(name, grid, block)
         self.runtime.function(name)(grid, block, args)
 
-    def _check_arrays(self, params: Sequence[Any], grads: Sequence[Any], states: Sequence[LarsState]) -> None:
+    def _check_call(
+        self, params: Sequence[Any], grads: Sequence[Any] | None, states: Sequence[LarsState]
+    ) -> None:
+        """What each call checks of memory: params and grads. The state arrays are checked
+        whenever a plan is built (they are part of its key, through the states' versions)."""
+        flags = list(map(_FLAGS, params))
+        ok = all(map(_C_CONTIGUOUS, flags)) and all(map(self._writeable, flags))
+        if ok and grads is not None:
+            ok = all(map(_C_CONTIGUOUS, map(_FLAGS, grads)))
+        if not ok:
+            self._check_arrays(params, grads, states)  # names the offending array
+
+    def _check_arrays(
+        self, params: Sequence[Any], grads: Sequence[Any] | None, states: Sequence[LarsState]
+    ) -> None:
         """Everything the kernels assume of memory, checked before any launch."""
         checked: list[tuple[str, Any]] = []
-        for i, (p, g, st) in enumerate(zip(params, grads, states)):
-            arrays = [(f"params[{i}]", p, True), (f"grads[{i}]", g, False)]
+        for i, (p, st) in enumerate(zip(params, states)):
+            arrays = [(f"params[{i}]", p, True)]
+            if grads is not None:
+                arrays.append((f"grads[{i}]", grads[i], False))
             arrays += [(f"states[{i}].{k}", a, True) for k, a in st.arrays().items()]
             for what, a, written in arrays:
                 flags = a.flags
@@ -438,63 +498,129 @@ class CudaBackend:
                         f"{what} is not C-contiguous: the CUDA kernels address tensors as flat "
                         "memory; pass a contiguous array (for example a copy)"
                     )
-                if written and not flags.writeable:
+                if written and not _writeable(flags):
                     raise ValueError(f"{what} is read-only")
                 checked.append((what, a))
+        self.runtime.check_devices(checked)
+
+    def _check_states(self, params: Sequence[Any], states: Sequence[LarsState]) -> None:
+        """The state arrays' memory and the params' devices, when a plan is built."""
+        checked: list[tuple[str, Any]] = [(f"params[{i}]", p) for i, p in enumerate(params)]
+        for i, st in enumerate(states):
+            for k, a in st.arrays().items():
+                flags = a.flags
+                if not flags.c_contiguous or not _writeable(flags):
+                    self._check_arrays(params, None, states)  # raises, naming the array
+                checked.append((f"states[{i}].{k}", a))
         self.runtime.check_devices(checked)
 
     def _plan(
         self,
         ctx: tuple[int, int],
         chunk: int,
-        live: Sequence[int],
+        checked: Any,
         params: Sequence[Any],
-        grads: Sequence[Any],
+        grads: Sequence[Any] | None,
+        grad_addresses: Sequence[int] | None,
         states: Sequence[LarsState],
-        formats: Sequence[str],
         uses_m: bool,
         stats_m: bool,
     ) -> _Plan:
         address = self.runtime.address
+        live = checked.live
+        param_addresses = list(map(address, map(params.__getitem__, live)))
+        key = (ctx, chunk, uses_m, stats_m, checked.token)
+        plan = self._plans.get(key)
+        if plan is None or plan.param_addresses != param_addresses:
+            self._check_states(params, states)
+            if grads is not None:
+                self._check_grad_devices(grads, live)
+                rows = list(map(address, map(grads.__getitem__, live)))
+            else:
+                rows = list(map(grad_addresses.__getitem__, live))
+            plan = self._build_plan(checked, param_addresses, rows, states, chunk, uses_m, stats_m)
+            self._plans[key] = plan
+            self._plans.move_to_end(key)
+            if len(self._plans) > self._PLAN_CACHE_SIZE:
+                _, old = self._plans.popitem(last=False)
+                self._retire(old.blocks, old.keepalive)
+                self._retire(old.tensors, old.rows_keepalive)
+            return plan
+        self._plans.move_to_end(key)
+        if grads is not None:
+            rows = list(map(address, map(grads.__getitem__, plan.order)))
+        else:
+            rows = list(map(grad_addresses.__getitem__, plan.order))
+        if rows != plan.grad_addresses:
+            if grads is not None:
+                # Unchanged addresses are the memory checked before; new ones are checked here.
+                self._check_grad_devices(grads, plan.order)
+            self._set_grads(plan, rows)
+        return plan
+
+    def _check_grad_devices(self, grads: Sequence[Any], indices: Sequence[int]) -> None:
+        if self.runtime.has_devices:
+            self.runtime.check_devices([(f"grads[{i}]", grads[i]) for i in indices])
+
+    def _set_grads(self, plan: _Plan, grad_addresses: list[int]) -> None:
+        """New gradient addresses: rewrite the gradient column, upload the tensor rows."""
+        g = np.array(grad_addresses, dtype=np.int64)
+        rows = plan.host_tensors
+        rows[:, FIELD_GRAD] = g
+        rows[:, FIELD_VECTOR] = plan.vector_base & (g % plan.grad_width == 0)
+        device_rows, keepalive = self.runtime.upload(rows.reshape(-1))
+        self._retire(plan.tensors, plan.rows_keepalive)
+        plan.tensors = device_rows
+        plan.rows_keepalive = keepalive
+        plan.grad_addresses = grad_addresses
+
+    def _retire(self, table: Any, keepalive: Any) -> None:
+        self._retired.append((table, keepalive))
+        while len(self._retired) > 2 * self._PLAN_CACHE_SIZE:
+            _, held = self._retired.popleft()
+            if held is not None:
+                self.runtime.release(held)
+
+    def _build_plan(
+        self,
+        checked: Any,
+        param_addresses: list[int],
+        grad_addresses: list[int],
+        states: Sequence[LarsState],
+        chunk: int,
+        uses_m: bool,
+        stats_m: bool,
+    ) -> _Plan:
+        """Tables for the live tensors; both address lists follow ``checked.live``."""
+        address = self.runtime.address
         rows = []
-        for i in live:
+        for k, i in enumerate(checked.live):
             st = states[i]
             mode = (STATE_8 if st.is_8bit else STATE_32) if uses_m else NO_STATE
             state = st.codes if st.is_8bit else st.momentum
             rows.append(
                 (
-                    FORMATS.index(formats[i]),
+                    FORMATS.index(checked.formats[i]),
                     mode,
                     i,
-                    address(params[i]),
-                    address(grads[i]),
+                    param_addresses[k],
+                    grad_addresses[k],
                     address(state) if (uses_m and state is not None) else 0,
                     address(st.absmax) if (uses_m and st.is_8bit and st.absmax is not None) else 0,
                     address(st.step_count),
                     address(st.skip_count),
                     address(st.history),
-                    int(params[i].size),
-                    int(params[i].itemsize),
+                    st.size,
+                    checked.dtypes[i].itemsize,
                 )
             )
-        key = (ctx, chunk, uses_m, stats_m, tuple(rows))
-        plan = self._plans.get(key)
-        if plan is not None:
-            self._plans.move_to_end(key)
-            return plan
-        plan = self._build_plan(rows, chunk, stats_m)
-        self._plans[key] = plan
-        if len(self._plans) > self._PLAN_CACHE_SIZE:
-            _, old = self._plans.popitem(last=False)
-            self.runtime.release(old.keepalive)
-        return plan
-
-    def _build_plan(self, rows: list[tuple], chunk: int, stats_m: bool) -> _Plan:
         # Tensors sorted by (format, state mode): each kernel variant covers one
         # contiguous run of blocks, and each tensor's blocks are contiguous.
-        rows = sorted(rows, key=lambda r: (r[0], r[1], r[2]))
+        rows.sort(key=lambda r: (r[0], r[1], r[2]))
         num_tensors = len(rows)
-        sizes = np.array([r[10] for r in rows], dtype=np.int64)
+        cols = np.array([r[3:] for r in rows], dtype=np.int64).reshape(num_tensors, 9)
+        p, g, m, absmax, step, skip, hist, sizes, itemsize = cols.T
+        modes = np.array([r[1] for r in rows], dtype=np.int64)
         nblocks = -(-sizes // chunk)
         first = np.concatenate([[0], np.cumsum(nblocks)[:-1]]).astype(np.int64)
         num_blocks = int(nblocks.sum())
@@ -502,29 +628,32 @@ class CudaBackend:
         table = np.zeros(num_tensors * TENSOR_FIELDS + num_blocks, dtype=np.int64)
         tens = table[: num_tensors * TENSOR_FIELDS].reshape(num_tensors, TENSOR_FIELDS)
         blocks = table[num_tensors * TENSOR_FIELDS :]
-        owner = np.empty(num_blocks, dtype=np.int64)
+        tens[:, FIELD_PARAM] = p
+        tens[:, FIELD_GRAD] = g
+        tens[:, FIELD_STATE] = m
+        tens[:, FIELD_ABSMAX] = absmax
+        tens[:, FIELD_STEP] = step
+        tens[:, FIELD_SKIP] = skip
+        tens[:, FIELD_HISTORY] = hist
+        tens[:, FIELD_SIZE] = sizes
+        tens[:, FIELD_FIRST_BLOCK] = first
+        tens[:, FIELD_NUM_BLOCKS] = nblocks
+        # Quad (vector) access needs p and g aligned to a quad of their format, and m to a
+        # quad of float32 (32-bit state) or of codes (8-bit state).
+        grad_width = 4 * itemsize
+        m_width = np.where(modes == STATE_32, 16, 4)
+        vector_base = (p % grad_width == 0) & ((m == 0) | (m % m_width == 0))
+        tens[:, FIELD_VECTOR] = vector_base & (g % grad_width == 0)
+        owner = np.repeat(np.array([r[2] for r in rows], dtype=np.int64), nblocks)
+        # block j of tensor k: (k << 32) | j
+        within = np.arange(num_blocks, dtype=np.int64) - np.repeat(first, nblocks)
+        blocks[:] = (np.repeat(np.arange(num_tensors, dtype=np.int64), nblocks) << 32) | within
+
         update_runs: list[list] = []
         stats_runs: list[list] = []
-        for k, (fmt, mode, index, p, g, m, absmax, step, skip, hist, n, itemsize) in enumerate(rows):
-            width = 4 * itemsize  # a quad of p or g
-            addresses, widths = [p, g], [width, width]
-            if m:
-                addresses.append(m)
-                widths.append(16 if mode == STATE_32 else 4)  # quad of float32 m / of codes
-            tens[k, FIELD_PARAM] = p
-            tens[k, FIELD_GRAD] = g
-            tens[k, FIELD_STATE] = m
-            tens[k, FIELD_ABSMAX] = absmax
-            tens[k, FIELD_STEP] = step
-            tens[k, FIELD_SKIP] = skip
-            tens[k, FIELD_HISTORY] = hist
-            tens[k, FIELD_SIZE] = n
-            tens[k, FIELD_FIRST_BLOCK] = first[k]
-            tens[k, FIELD_NUM_BLOCKS] = nblocks[k]
-            tens[k, FIELD_VECTOR] = int(_vector_ok(addresses, widths))
+        for k, r in enumerate(rows):
+            fmt, mode = r[0], r[1]
             lo, count = int(first[k]), int(nblocks[k])
-            blocks[lo : lo + count] = (np.int64(k) << 32) | np.arange(count, dtype=np.int64)
-            owner[lo : lo + count] = index
             for runs, kernel in (
                 (update_runs, f"lars_update_{FORMAT_NAMES[fmt]}_{STATE_NAMES[mode]}"),
                 (stats_runs, f"lars_stats_{FORMAT_NAMES[fmt]}_{STATE_NAMES[mode if stats_m else NO_STATE]}"),
@@ -536,7 +665,12 @@ class CudaBackend:
 
         device_table, keepalive = self.runtime.upload(table)
         return _Plan(
-            table=device_table,
+            param_addresses=param_addresses,
+            order=[r[2] for r in rows],
+            host_tensors=tens.copy(),
+            vector_base=vector_base,
+            grad_width=grad_width,
+            grad_addresses=[int(a) for a in g],
             tensors=device_table[: num_tensors * TENSOR_FIELDS],
             blocks=device_table[num_tensors * TENSOR_FIELDS :],
             num_tensors=num_tensors,

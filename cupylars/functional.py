@@ -33,7 +33,12 @@ The step, per tensor, at applied step :math:`t` (docs/algorithm.md):
 
 from __future__ import annotations
 
+import itertools
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import repeat
+from operator import attrgetter, is_
 from typing import Any
 
 import numpy as np
@@ -153,14 +158,21 @@ def lars_update_many(
     a constant number of kernel launches. Everything is validated before any
     tensor is touched; with ``nonfinite='raise'`` no tensor is updated when any
     gradient is non-finite; with ``'skip'`` each tensor skips on its own.
+
+    Repeated calls over the same parameters and states (a training loop) are
+    cheap on the host: what was validated about the states is remembered until
+    one of their attributes is assigned (``state.momentum = ...``), so a later
+    call checks only what can change between steps, the gradients and the
+    parameters' type, dtype and shape. A state's arrays changed in place
+    (reshaped, made read-only) are not seen: assign them instead.
     """
     cfg = LarsConfig(**hyperparameters)
-    formats = validate_inputs(params, grads, states, dtype)
-    backend = backend_for(params)
+    checked = _checked(params, grads, states, dtype)
+    backend = _backend_for_module(checked.module)
     if backend.name == "reference":
-        _reference_update_many(params, grads, states, cfg, formats)
+        _reference_update_many(params, grads, states, cfg, checked.formats)
     else:
-        backend.update_many(params, grads, states, cfg, formats)
+        backend.update_many(params, grads, states, cfg, checked)
 
 
 # -- validation ----------------------------------------------------------------------
@@ -213,6 +225,142 @@ def validate_inputs(
     return formats
 
 
+_VERSION = attrgetter("_version")
+_SHAPE = attrgetter("shape")
+_DTYPE = attrgetter("dtype")
+_TOKENS = itertools.count(1)
+
+
+@dataclass(eq=False)
+class _Checked:
+    """What a full validation of (params, grads, states) established.
+
+    Kept by :func:`lars_update_many` and handed to the backend. It applies to a
+    later call whose states carry the same versions (no attribute of any
+    state was assigned since) and whose params and grads have the same types,
+    dtypes and shapes: everything validation reads is then the same. ``token``
+    is unique per validated set of states, so a backend may key what it derives
+    from the states (the CUDA backend's tables) on it.
+    """
+
+    token: int
+    versions: list[int]
+    param_types: list[type]
+    grad_types: list[type]
+    dtypes: list[Any]
+    shapes: list[tuple[int, ...]]
+    formats: list[str]
+    module: str  # "numpy" or "cupy"
+    live: list[int]  # tensors with at least one element
+    has_momentum: bool  # every live state holds its momentum arrays
+
+    def matches(self, params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any]) -> bool:
+        """Whether this validation holds for these arguments (False: validate them)."""
+        if len(grads) != len(self.versions) or not self.holds_for(params, states):
+            return False
+        return (
+            list(map(type, grads)) == self.grad_types
+            and list(map(_SHAPE, grads)) == self.shapes
+            and list(map(_DTYPE, grads)) == self.dtypes
+        )
+
+    def holds_for(self, params: Sequence[Any], states: Sequence[Any]) -> bool:
+        """:meth:`matches` without the gradients."""
+        n = len(self.versions)
+        if len(params) != n or len(states) != n:
+            return False
+        # Versions are unique per LarsState, not across every object with a _version.
+        if not all(map(is_, map(type, states), repeat(LarsState))):
+            return False
+        return (
+            list(map(_VERSION, states)) == self.versions
+            and list(map(type, params)) == self.param_types
+            and list(map(_SHAPE, params)) == self.shapes
+            and list(map(_DTYPE, params)) == self.dtypes
+            and len(set(map(id, params))) == n
+        )
+
+    def renew(self, states: Sequence[LarsState]) -> None:
+        """After the backend gave every live state its (zeroed) momentum arrays."""
+        self.versions = list(map(_VERSION, states))
+        self.has_momentum = True
+        self.token = next(_TOKENS)
+
+
+# Recent validations, keyed by (length, first state's id, dtype argument); an entry is
+# used only when it matches (_Checked.matches), so a reused id costs a validation, no more.
+_CHECKED: dict[tuple, _Checked] = {}
+_CHECKED_SIZE = 64
+_CHECKED_LOCK = threading.Lock()
+
+
+def _checked(
+    params: Sequence[Any], grads: Sequence[Any], states: Sequence[LarsState], dtype: str | None
+) -> _Checked:
+    """The validation of these arguments: remembered, or done now (raising on bad input)."""
+    key = _memo_key(states, dtype)
+    known = None if key is None else _CHECKED.get(key)
+    if known is not None and known.matches(params, grads, states):
+        return known
+    formats = validate_inputs(params, grads, states, dtype)
+    module = _module_of(params)
+    live = [i for i, p in enumerate(params) if p.size > 0]
+    checked = _Checked(
+        token=next(_TOKENS),
+        versions=list(map(_VERSION, states)),
+        param_types=list(map(type, params)),
+        grad_types=list(map(type, grads)),
+        dtypes=list(map(_DTYPE, params)),
+        shapes=list(map(_SHAPE, params)),
+        formats=formats,
+        module=module,
+        live=live,
+        has_momentum=all(states[i].has_momentum for i in live),
+    )
+    if key is not None:
+        with _CHECKED_LOCK:
+            _CHECKED.pop(key, None)
+            if len(_CHECKED) >= _CHECKED_SIZE:
+                del _CHECKED[next(iter(_CHECKED))]  # the oldest
+            _CHECKED[key] = checked
+    return checked
+
+
+def _memo_key(states: Sequence[LarsState], dtype: Any) -> tuple | None:
+    try:
+        key = (len(states), id(states[0]) if len(states) else None, dtype)
+        hash(key)
+    except TypeError:  # an unhashable dtype argument: nothing is remembered
+        return None
+    return key
+
+
+def _lars_update_many_at(
+    params: Sequence[Any],
+    grad_addresses: Sequence[int],
+    states: Sequence[LarsState],
+    cfg: LarsConfig,
+    dtype: str | None,
+) -> bool:
+    """:func:`lars_update_many` with each gradient given by its address, for a caller
+    that checked the gradients against the params itself (the torch adapter checks
+    dtype, shape, device and contiguity), so no array of them need be made.
+
+    Runs only on the CUDA backends and only for params and states that a call of
+    :func:`lars_update_many` validated and that are unchanged since; otherwise it
+    does nothing and returns False: call :func:`lars_update_many` then.
+    """
+    key = _memo_key(states, dtype)
+    known = None if key is None else _CHECKED.get(key)
+    if known is None or not known.holds_for(params, states):
+        return False
+    backend = _backend_for_module(known.module)
+    if backend.name == "reference":
+        return False
+    backend.update_many(params, None, states, cfg, known, grad_addresses=grad_addresses)
+    return True
+
+
 # -- backends ------------------------------------------------------------------------
 
 
@@ -221,21 +369,30 @@ class _ReferenceBackend:
     reason = "NumPy arrays: the NumPy reference implementation"
 
 
-def backend_for(params: Sequence[Any]) -> Any:
-    """The backend an update of ``params`` takes; its ``.reason`` says why."""
+_REFERENCE = _ReferenceBackend()
+
+
+def _module_of(params: Sequence[Any]) -> str:
     modules = {array_module(p).__name__ for p in params}
     if len(modules) > 1:
         raise TypeError(f"params mix array modules {sorted(modules)}; update each module separately")
-    if modules == {"cupy"}:
+    return "cupy" if modules == {"cupy"} else "numpy"
+
+
+def _backend_for_module(module: str) -> Any:
+    if module == "cupy":
         from . import cuda
 
         return cuda.cupy_backend()
     from . import testing
 
     emulated = testing.active_emulation()
-    if emulated is not None:
-        return emulated
-    return _ReferenceBackend()
+    return _REFERENCE if emulated is None else emulated
+
+
+def backend_for(params: Sequence[Any]) -> Any:
+    """The backend an update of ``params`` takes; its ``.reason`` says why."""
+    return _backend_for_module(_module_of(params))
 
 
 def _reference_update_many(

@@ -22,6 +22,7 @@ state without momentum costs 416 bytes whatever the tensor size.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,9 @@ __all__ = ["HISTORY_SIZE", "LarsState", "array_module"]
 HISTORY_SIZE = 100
 #: History entry meaning "never recorded": squared norms are never negative.
 UNRECORDED = -1.0
+
+# Process-wide, so that no two states (or two moments of one state) share a version.
+_VERSIONS = itertools.count(1)
 
 
 def array_module(array: Any) -> Any:
@@ -65,6 +69,26 @@ class LarsState:
     momentum: Any = None
     codes: Any = None
     absmax: Any = None
+
+    # -- versions ------------------------------------------------------------------
+    # Every assignment to a state (a replaced array, a new shape or mode) gives it a new
+    # version, unique in the process: a validation remembered for the old version
+    # (cupylars.functional) then no longer applies, and the next update checks again.
+    # Arrays changed in place (reshaped, made read-only) keep the version.
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        object.__setattr__(self, "_version", next(_VERSIONS))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (or an unpickled state) holds other arrays: it must not inherit the version.
+        state = dict(self.__dict__)
+        state.pop("_version", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        object.__setattr__(self, "_version", next(_VERSIONS))
 
     @classmethod
     def create(

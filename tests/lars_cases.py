@@ -94,14 +94,48 @@ def compare_step(param, grad, state, hp, fmt, update) -> None:
             finite_block = np.repeat(np.isfinite(spec.absmax), 256)[: spec.codes.size]
             if not finite_block.any():
                 return
-            differ = (state.codes.ravel() != spec.codes.ravel())[finite_block]
-            assert differ.mean() <= 0.01, f"{differ.mean():.2%} of codes differ"
-            code_gap = np.abs(state.codes.ravel().astype(int) - spec.codes.ravel().astype(int))
-            assert code_gap[finite_block].max() <= 1
-            np.testing.assert_allclose(state.absmax, spec.absmax, rtol=1e-5, atol=1e-30)
+            m_scale = spec.extras["m_scale"] + 1e-30
+            assert_codes_match(
+                state.codes.ravel()[finite_block],
+                spec.codes.ravel()[finite_block],
+                spec.extras["m_raw"][finite_block],
+                np.repeat(spec.absmax, 256)[: spec.codes.size][finite_block],
+                m_scale,
+            )
+            # absmax is a max of m: float32 rounding bounds its error by the size of
+            # the terms summed into m, as for 32-bit m below, not by absmax itself.
+            np.testing.assert_allclose(state.absmax, spec.absmax, rtol=1e-6, atol=1e-6 * m_scale)
         else:
             scale = spec.extras["m_scale"] + 1e-30
             np.testing.assert_allclose(state.momentum.ravel(), spec.m, rtol=0, atol=1e-6 * scale)
+
+
+def assert_codes_match(got, want, m_raw, absmax, m_scale, what: str = "") -> None:
+    """8-bit codes of two implementations agree, except by one code where the
+    unquantized ``m`` (``m_raw``, per element, with its block's ``absmax``) lies
+    within float32 rounding of the decision boundary between the two codes.
+
+    Elementwise float32 arithmetic (fused or not) moves m by at most ~1e-6 of
+    the size of its terms (``m_scale``); only elements that close to a boundary
+    may round to the neighbouring code.
+    """
+    got, want = got.astype(np.int64), want.astype(np.int64)
+    gap = np.abs(got - want)
+    assert gap.max(initial=0) <= 1, f"{what}: codes differ by {gap.max()}"
+    idx = np.flatnonzero(gap)
+    if idx.size == 0:
+        return
+    book = F.dynamic_map().astype(np.float64)
+    lo = np.minimum(got, want)[idx]
+    boundary = (book[lo] + book[lo + 1]) / 2
+    scale = absmax[idx].astype(np.float64)
+    x = m_raw[idx] / scale
+    slack = 4e-6 * m_scale / scale + 1e-6
+    far = np.abs(x - boundary) > slack
+    assert not far.any(), (
+        f"{what}: {far.sum()} of {idx.size} differing codes are not at a rounding boundary, e.g. "
+        f"x={x[far][:3]}, boundary={boundary[far][:3]}, slack={slack[far][:3]}"
+    )
 
 
 def random_problem(rng: np.random.Generator, shape, fmt: str, zero_param: bool = False):

@@ -168,5 +168,9 @@ def step(p: np.ndarray, g: np.ndarray, st: Spec64State, hp: dict, fmt: str, book
         if p_norm > 0 and u_norm > max_unorm * p_norm:
             s = max_unorm * p_norm / u_norm
     st.t = t
-    st.extras = {"update_scale": lr * s * np.max(u_abs, initial=0), "m_scale": np.max(m_abs, initial=0)}
+    st.extras = {
+        "update_scale": lr * s * np.max(u_abs, initial=0),
+        "m_scale": np.max(m_abs, initial=0),
+        "m_raw": m if mu > 0 else None,  # m before quantization
+    }
     return round_to(p - lr * s * u, fmt)

@@ -141,6 +141,56 @@ def test_same_param_twice_is_rejected():
         F.lars_update_many([p, p], [g, g], [s, F.init_state(p)], lr=0.1)
 
 
+def test_later_calls_check_what_changed_since_the_last():
+    # Validation is remembered between calls over the same states; whatever changed since
+    # (an assigned state attribute, a parameter reshaped in place, a new gradient) is checked.
+    p, g = _problem()
+    state = _warm_state(p, g)
+    F.lars_update(p, g, state, lr=0.1, momentum=0.9, percentile_clipping=50)
+    snap = _snapshot(p, state)
+    history = state.history
+    state.history = np.zeros(5, np.float32)
+    with pytest.raises(ValueError, match="history"):
+        F.lars_update(p, g, state, lr=0.1, momentum=0.9, percentile_clipping=50)
+    state.history = history
+    state.is_8bit = False  # codes and absmax no longer fit
+    with pytest.raises(ValueError, match="32-bit state"):
+        F.lars_update(p, g, state, lr=0.1, momentum=0.9)
+    state.is_8bit = True
+    p.shape = (10, 30)
+    with pytest.raises(ValueError, match="shape"):
+        F.lars_update(p, g.reshape(10, 30), state, lr=0.1, momentum=0.9)
+    p.shape = (300,)
+    with pytest.raises(TypeError, match=r"grads\[0\] is float16"):
+        F.lars_update(p, g.astype(np.float16), state, lr=0.1, momentum=0.9)
+    _assert_untouched(p, state, snap)
+    F.lars_update(p, g, state, lr=0.1, momentum=0.9, percentile_clipping=50)
+    assert state.step == 3
+
+
+def test_fresh_gradient_arrays_match_reused_ones():
+    results = []
+    for fresh in (False, True):
+        params = [_problem(n, seed=n)[0] for n in (10, 300, 5000)]
+        states = [F.init_state(q, optim_bits=8, min_8bit_size=256) for q in params]
+        grads = [np.zeros_like(q) for q in params]
+        for step in range(4):
+            new = [_problem(q.size, seed=100 + step)[1] for q in params]
+            if fresh:
+                grads = new
+            else:
+                for old, n in zip(grads, new):
+                    old[...] = n
+            F.lars_update_many(params, grads, states, lr=0.1, momentum=0.9, percentile_clipping=50)
+        results.append((params, states))
+    (p1, s1), (p2, s2) = results
+    for a, b in zip(p1, p2):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(s1, s2):
+        for k, arr in a.arrays().items():
+            np.testing.assert_array_equal(arr, getattr(b, k), err_msg=k)
+
+
 @pytest.mark.parametrize("bits", [32, 8])
 def test_nonfinite_skip_leaves_everything_but_the_skip_count(bits):
     p, g = _problem(5000)

@@ -660,6 +660,151 @@ def test_exclude_bias_and_norm_groups_and_training():
         exclude_bias_and_norm([torch.zeros(3)], 0.1)
 
 
+# -- later steps: what the last full step found is reused ---------------------------------
+
+
+def _count_full_steps(monkeypatch, opt):
+    """Steps that gathered every parameter anew (not reusing the last step's views)."""
+    full = []
+    collect = opt._collect
+    monkeypatch.setattr(opt, "_collect", lambda: full.append(1) or collect())
+    return full
+
+
+def _set_grads(params, step):
+    for p, g in zip(params, make_grads(params, step, scale=0.1)):
+        p.grad = g
+
+
+@pytest.mark.parametrize("emulated", [False, True], ids=["reference", "emulated"])
+def test_reused_steps_match_full_steps_through_every_change(emulated, monkeypatch):
+    # The same training, with every step in full and with later steps reusing the last full
+    # step's views, through the changes a reused step must notice: bit-identical results.
+    if emulated and importlib.util.find_spec("cupylars._emulator") is None:
+        pytest.skip("the CPU emulator of the kernels is absent")
+    from contextlib import nullcontext
+
+    from cupylars.testing import emulated_cuda
+
+    def train(reuse):
+        shapes = [(40, 128), (300,), (4100,), (16, 8, 3, 3), (64,)]
+        params = make_params(shapes=shapes)
+        params[3] = torch.nn.Parameter(params[3].detach().to(memory_format=torch.channels_last))
+        groups = [{"params": params[:3]}, {"params": params[3:], "weight_decay": 0.0, "max_unorm": 0.0}]
+        hyper = dict(lr=0.2, momentum=0.9, weight_decay=1e-3, percentile_clipping=20, min_8bit_size=1000)
+        opt = LARS8bit(groups, **hyper)
+        if not reuse:
+            monkeypatch.setattr(opt, "_fast_step", lambda: False)
+        full = _count_full_steps(monkeypatch, opt)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.8)
+        for k in range(16):
+            _set_grads(params, k)
+            # each change follows a step that reused the last full one
+            if k == 2:
+                params[1].grad = None  # no gradient: skipped this step
+            if k == 5:
+                params[0].data = params[0].data.clone()  # new storage behind the same Parameter
+            if k == 7:
+                opt.state[params[2]]["state1"] = opt.state[params[2]]["state1"].clone()
+            if k == 9:
+                opt.state[params[4]]["state1"].data = opt.state[params[4]]["state1"].data.clone()
+            if k == 11:
+                opt.param_groups[1]["momentum"] = 0.5  # a value: read at every step
+                opt.param_groups[0]["percentile_clipping"] = 100  # a switch
+            if k == 13:
+                opt.param_groups[1]["foreach"] = False
+            with emulated_cuda() if emulated else nullcontext():
+                opt.step()
+            sched.step()
+        return params, opt, len(full)
+
+    (p1, opt1, full1), (p2, opt2, full2) = train(False), train(True)
+    assert (full1, full2) == (16, 8)  # the first step, and one per change (two at k = 2, 3)
+    for a, b in zip(p1, p2):
+        assert torch.equal(a.detach(), b.detach())
+    for a, b in zip(p1, p2):
+        s1, s2 = opt1.state[a], opt2.state[b]
+        assert s1.keys() == s2.keys()
+        assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert not p2[3].is_contiguous()
+
+
+def test_steady_state_steps_reuse_the_last_full_step(monkeypatch):
+    params = make_params()
+    opt = LARS32bit(params, lr=0.1, momentum=0.9)
+    full = _count_full_steps(monkeypatch, opt)
+    for k in range(4):
+        _set_grads(params, k)  # new gradient tensors every step, as zero_grad() leaves
+        opt.step()
+        opt.param_groups[0]["lr"] *= 0.5
+    assert len(full) == 1
+    params[0].data = params[0].data.clone()
+    _set_grads(params, 4)
+    opt.step()
+    opt.step()
+    assert len(full) == 2
+    GlobalOptimManager.get_instance().override_config(params[1], "lr", 0.0)
+    before = params[1].detach().clone()
+    opt.step()  # overrides are found by a full step
+    assert len(full) == 3 and torch.equal(params[1].detach(), before)
+
+
+def test_bad_input_after_reused_steps_raises_before_any_update(monkeypatch):
+    params = make_params()
+    opt = LARS32bit([{"params": params[:2]}, {"params": params[2:]}], lr=0.1, momentum=0.9, nonfinite="raise")
+    for k in range(3):
+        _set_grads(params, k)
+        opt.step()
+
+    def unchanged(action, error, match):
+        before = [p.detach().clone() for p in params]
+        steps = [int(opt.state[p]["step"]) for p in params]
+        undo = action()
+        with pytest.raises(error, match=match):
+            opt.step()
+        assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+        assert [int(opt.state[p]["step"]) for p in params] == steps
+        undo()
+
+    group = opt.param_groups[1]
+
+    def bad_lr():
+        group["lr"] = -3.0
+        return lambda: group.update(lr=0.1)
+
+    unchanged(bad_lr, ValueError, "param group 1: lr")
+    grad = params[3].grad
+
+    def bad_value():
+        params[3].grad = grad.clone()
+        params[3].grad[5] = float("inf")
+        return lambda: setattr(params[3], "grad", grad)
+
+    unchanged(bad_value, FloatingPointError, "parameter 1 of param group 1")
+
+    def bad_dtype():
+        if hasattr(params[0], "grad_dtype"):
+            params[0].grad_dtype = None
+        params[0].grad = params[0].grad.double()
+        return lambda: setattr(params[0], "grad", params[0].grad.float())
+
+    unchanged(bad_dtype, TypeError, r"gradient is torch\.float64")
+    opt.step()
+    assert all(int(opt.state[p]["step"]) == 4 for p in params)
+
+
+def test_reused_steps_bump_the_autograd_version():
+    lin = torch.nn.Linear(4, 3)
+    opt = LARS32bit(lin.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        lin(torch.randn(2, 4)).sum().backward()
+        opt.step()
+    out = lin(torch.randn(2, 4, requires_grad=True)).pow(2).sum()
+    opt.step()  # a reused step, writing the weight through the cached views
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+
+
 # -- backends --------------------------------------------------------------------------
 
 

@@ -2,12 +2,14 @@ r"""torch.optim LARS optimizers backed by :mod:`cupylars.functional`."""
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from copy import deepcopy
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, compress, repeat
+from operator import attrgetter, is_, is_not
 from typing import Any
 
 import torch
@@ -109,6 +111,62 @@ def _fingerprint(tensor: torch.Tensor | None) -> Any:
     return (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride(), tensor.device)
 
 
+_GRAD = attrgetter("grad")
+_DTYPE = attrgetter("dtype")
+_SHAPE = attrgetter("shape")
+_DEVICE = attrgetter("device")
+_LAYOUT = attrgetter("layout")
+_DATA_PTR = torch.Tensor.data_ptr
+_STRIDE = torch.Tensor.stride
+_IS_CONTIGUOUS = torch.Tensor.is_contiguous
+
+
+@dataclass(eq=False)
+class _Bucket:
+    """The tensors of one param group on one device and storage declaration: one update call."""
+
+    backend: bridge.DeviceBackend
+    dtype: str | None  # the functional API's dtype argument
+    index: list[int]  # positions in the group's list of parameters with a gradient
+    arrays: list[Any]  # array views of the parameters (of ``staging`` for strided ones)
+    states: list[LarsState]
+    staging: list[tuple[torch.Tensor, torch.Tensor]]  # (strided parameter, its contiguous copy)
+
+
+@dataclass(eq=False)
+class _GroupPlan:
+    """What a step of one param group depends on, as the last full step found it.
+
+    A step whose group, parameters, gradients' presence, dtypes, shapes and
+    devices, parameter storages, configuration switches and state tensors are
+    all as recorded here takes :meth:`LARS._fast_step`: the buckets' array views
+    and states are reused and only the gradients are gathered.
+    """
+
+    group: dict[str, Any]
+    params: list[torch.Tensor]  # group["params"], all of them
+    present: list[bool]  # which had a gradient
+    struct: tuple  # the configuration that decides which state tensors exist
+    foreach: bool
+    with_grad: list[torch.Tensor]
+    labels: list[str]
+    ptrs: list[int]
+    dtypes: list[torch.dtype]
+    shapes: list[torch.Size]
+    strides: list[tuple[int, ...]]
+    devices: list[torch.device]
+    state_dicts: list[dict[str, Any]]
+    state_keys: list[str]  # every state dict's keys, in order
+    state_values: list[torch.Tensor]  # ... and tensors
+    state_ptrs: list[int]
+    buckets: list[_Bucket]
+
+
+def _struct(cfg: LarsConfig, optim_bits: int, min_8bit_size: int, foreach: bool) -> tuple:
+    # Everything but these is read from the group at each step (a scheduler's lr included).
+    return (cfg.uses_momentum, cfg.clips_percentile, optim_bits, min_8bit_size, foreach)
+
+
 def _read_args(args: Any) -> dict[str, Any]:
     return {key: getattr(args, key) for key in _ARGS_KEYS if hasattr(args, key)}
 
@@ -174,6 +232,8 @@ class LARS(Optimizer):
         self._scratch: dict[tuple[str, torch.device], Any] = {}
         self._device_backends: dict[torch.device, bridge.DeviceBackend] = {}
         self._warned: set[str] = set()
+        # Per param group, what the last full step found (see _GroupPlan); None: no fast step.
+        self._plans: list[_GroupPlan] | None = None
         #: Device -> the backend that updated its tensors at the last step, and why.
         self.backends: dict[str, str] = {}
 
@@ -213,6 +273,9 @@ class LARS(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        if self._fast_step():
+            return loss
+        self._plans = None  # rebuilt below once this step has succeeded
         work = self._collect()
         if not work:
             return loss
@@ -237,7 +300,177 @@ class LARS(Optimizer):
         # The arrays wrote the parameters behind autograd's back: tell it, so a backward
         # through a graph that saved the old values fails loudly instead of silently.
         torch.autograd.graph.increment_version([bridge.local_tensor(w.param) for w in work])
+        if not shards:
+            self._plans = self._plan_groups(work)
         return loss
+
+    # -- the fast step ---------------------------------------------------------------
+
+    def _plan_groups(self, work: list[_Work]) -> list[_GroupPlan] | None:
+        """What the next step may reuse of this one, or None where a step must run in full."""
+        if GlobalOptimManager.get_instance().uses_config_override:
+            return None  # overrides may follow module attributes and dead registrations
+        by_param = {id(w.param): w for w in work}
+        plans = []
+        for group in self.param_groups:
+            params = list(group["params"])
+            present = [p.grad is not None for p in params]
+            items = [by_param.get(id(p)) for p in params if p.grad is not None]
+            if any(w is None for w in items):
+                return None  # a gradient appeared after _collect (a hook): no plan
+            # Without overrides a group's tensors share one configuration (unused without items).
+            struct: tuple = ()
+            foreach = False
+            if items:
+                w = items[0]
+                struct = _struct(w.cfg, w.optim_bits, w.min_8bit_size, w.foreach)
+                foreach = w.foreach
+            with_grad = [w.param for w in items]
+            dicts = [self.state[p] for p in with_grad]
+            values = list(chain.from_iterable(d.values() for d in dicts))
+            if not all(isinstance(v, torch.Tensor) and not bridge.is_dtensor(v) for v in values):
+                return None
+            buckets: dict[tuple[torch.device, str | None], _Bucket] = {}
+            for k, w in enumerate(items):
+                backend = self._backend(w.param.device)
+                if not backend.zero_copy:
+                    return None
+                dtype = bridge.dtype_argument(w.fmt)
+                bucket = buckets.get((w.param.device, dtype))
+                if bucket is None:
+                    bucket = buckets[(w.param.device, dtype)] = _Bucket(backend, dtype, [], [], [], [])
+                with backend.context():
+                    array, state = self._cached_views(backend, w)
+                    if array is None:
+                        staging = torch.empty_like(w.param.detach(), memory_format=torch.contiguous_format)
+                        bucket.staging.append((w.param, staging))
+                        array = backend.view(staging)
+                bucket.index.append(k)
+                bucket.arrays.append(array)
+                bucket.states.append(state)
+            plans.append(
+                _GroupPlan(
+                    group=group,
+                    params=params,
+                    present=present,
+                    struct=struct,
+                    foreach=foreach,
+                    with_grad=with_grad,
+                    labels=[w.label for w in items],
+                    ptrs=list(map(_DATA_PTR, with_grad)),
+                    dtypes=list(map(_DTYPE, with_grad)),
+                    shapes=list(map(_SHAPE, with_grad)),
+                    strides=list(map(_STRIDE, with_grad)),
+                    devices=list(map(_DEVICE, with_grad)),
+                    state_dicts=dicts,
+                    state_keys=list(chain.from_iterable(dicts)),
+                    state_values=values,
+                    state_ptrs=list(map(_DATA_PTR, values)),
+                    buckets=list(buckets.values()),
+                )
+            )
+        return plans
+
+    def _fast_step(self) -> bool:
+        """The step over what the last full step planned, if nothing it relied on changed.
+
+        Checks what a full step would (gradients' layout, dtype, shape and device,
+        the group's hyperparameters) and that the parameters' storages and the state
+        tensors are those the views were taken of; on any difference it does nothing
+        and returns False, and the full step runs (and raises where it should).
+        """
+        plans = self._plans
+        if plans is None or len(plans) != len(self.param_groups):
+            return False
+        if GlobalOptimManager.get_instance().uses_config_override:
+            return False
+        dtensor_module = sys.modules.get("torch.distributed.tensor")
+        steps = []
+        for gi, (group, plan) in enumerate(zip(self.param_groups, plans)):
+            params = group["params"]
+            if group is not plan.group or len(params) != len(plan.params):
+                return False
+            if not all(map(is_, params, plan.params)):
+                return False
+            grads = list(map(_GRAD, params))
+            if list(map(is_not, grads, repeat(None))) != plan.present:
+                return False
+            if not plan.with_grad:
+                continue
+            grads = list(compress(grads, plan.present))
+            try:
+                cfg, bits, min8 = _group_config(group, None, f"param group {gi}")
+            except (TypeError, ValueError):
+                return False  # the full step raises it
+            foreach = group.get("foreach", None) is not False
+            if _struct(cfg, bits, min8, foreach) != plan.struct:
+                return False
+            if not self._unchanged(plan, grads, dtensor_module):
+                return False
+            steps.append((plan, grads, cfg))
+        if not steps:
+            return False
+        bad = [
+            label
+            for plan, grads, cfg in steps
+            if cfg.nonfinite == "raise"
+            for label, g in zip(plan.labels, grads)
+            if not bool(torch.isfinite(g).all())
+        ]
+        if bad:
+            raise FloatingPointError(f"non-finite gradient in {', '.join(bad)}; nothing was updated")
+        for plan, grads, cfg in steps:
+            for bucket in plan.buckets:
+                self._update_bucket(bucket, [grads[k] for k in bucket.index], cfg, plan.foreach)
+        torch.autograd.graph.increment_version([p for plan, _, _ in steps for p in plan.with_grad])
+        return True
+
+    def _unchanged(self, plan: _GroupPlan, grads: list[torch.Tensor], dtensor_module: Any) -> bool:
+        params = plan.with_grad
+        if (
+            list(map(_DATA_PTR, params)) != plan.ptrs
+            or list(map(_DTYPE, params)) != plan.dtypes
+            or list(map(_SHAPE, params)) != plan.shapes
+            or list(map(_STRIDE, params)) != plan.strides
+        ):
+            return False  # a parameter's storage was replaced (p.data = ...)
+        if (
+            list(map(_DTYPE, grads)) != plan.dtypes
+            or list(map(_SHAPE, grads)) != plan.shapes
+            or list(map(_DEVICE, grads)) != plan.devices
+            or not all(map(is_, map(_LAYOUT, grads), repeat(torch.strided)))
+        ):
+            return False
+        if dtensor_module is not None and any(map(isinstance, grads, repeat(dtensor_module.DTensor))):
+            return False
+        dicts = list(map(self.state.get, params))
+        if not all(map(is_, dicts, plan.state_dicts)):
+            return False
+        if list(chain.from_iterable(dicts)) != plan.state_keys:
+            return False
+        values = list(chain.from_iterable(map(dict.values, dicts)))
+        return all(map(is_, values, plan.state_values)) and list(map(_DATA_PTR, values)) == plan.state_ptrs
+
+    def _update_bucket(
+        self, bucket: _Bucket, grads: list[torch.Tensor], cfg: LarsConfig, foreach: bool
+    ) -> None:
+        if not all(map(_IS_CONTIGUOUS, grads)):
+            grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+        backend = bucket.backend
+        with backend.context():
+            for param, staging in bucket.staging:
+                staging.copy_(param.detach())
+            # The kernels need only the gradients' addresses: no array views of them.
+            done = foreach and F._lars_update_many_at(
+                bucket.arrays, list(map(_DATA_PTR, grads)), bucket.states, cfg, bucket.dtype
+            )
+            if not done:
+                views = [backend.view(g) for g in grads]
+                _run(bucket.arrays, views, bucket.states, cfg, bucket.dtype, foreach)
+            for param, staging in bucket.staging:
+                param.detach().copy_(staging)
+        chosen = F.backend_for(bucket.arrays[:1])
+        self.backends[str(backend.device)] = f"{chosen.name}: {chosen.reason}; {backend.reason}"
 
     def _collect(self) -> list[_Work]:
         manager = GlobalOptimManager.get_instance()
