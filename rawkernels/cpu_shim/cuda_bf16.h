@@ -16,62 +16,29 @@ struct __nv_bfloat162_raw {
 };
 
 namespace cupylars_emu {
-template <class I>
-inline unsigned short integer_to_bf16_rn(I v) {
-  return float_to_bf16_rn(round_to_odd_float(static_cast<long double>(v)));
-}
+// bfloat16 (the upper half of a float) for Storage16 / Pair16 (cupylars_float16_common.h).
+struct BFloat16Codec {
+  using raw = __nv_bfloat16_raw;
+  using raw2 = __nv_bfloat162_raw;
+  static unsigned short encode(float f) { return float_to_bf16_rn(f); }
+  static float decode(unsigned short bits) { return bf16_to_float(bits); }
+};
 }  // namespace cupylars_emu
 
-struct __align__(2) __nv_bfloat16 {
- protected:
-  unsigned short __x;
-
- public:
-  __nv_bfloat16() = default;
-  constexpr __nv_bfloat16(const __nv_bfloat16_raw& r) : __x(r.x) {}
+// The class body is Storage16, shared with __half; only the assignment from
+// the raw struct is declared here, so that it returns __nv_bfloat16&.
+struct __align__(2) __nv_bfloat16
+    : ::cupylars_emu::storage16::Storage16<::cupylars_emu::BFloat16Codec> {
+  using Storage16::Storage16;
   __nv_bfloat16& operator=(const __nv_bfloat16_raw& r) {
     __x = r.x;
     return *this;
   }
-  operator __nv_bfloat16_raw() const { return __nv_bfloat16_raw{__x}; }
-
-  __nv_bfloat16(float f) : __x(::cupylars_emu::float_to_bf16_rn(f)) {}
-  __nv_bfloat16(double d) : __x(::cupylars_emu::float_to_bf16_rn(::cupylars_emu::round_to_odd_float(d))) {}
-  __nv_bfloat16(short v) : __x(::cupylars_emu::integer_to_bf16_rn(v)) {}
-  __nv_bfloat16(unsigned short v) : __x(::cupylars_emu::integer_to_bf16_rn(v)) {}
-  __nv_bfloat16(int v) : __x(::cupylars_emu::integer_to_bf16_rn(v)) {}
-  __nv_bfloat16(unsigned int v) : __x(::cupylars_emu::integer_to_bf16_rn(v)) {}
-  __nv_bfloat16(long v) : __x(::cupylars_emu::integer_to_bf16_rn(v)) {}
-  __nv_bfloat16(unsigned long v) : __x(::cupylars_emu::integer_to_bf16_rn(v)) {}
-  __nv_bfloat16(long long v) : __x(::cupylars_emu::integer_to_bf16_rn(v)) {}
-  __nv_bfloat16(unsigned long long v) : __x(::cupylars_emu::integer_to_bf16_rn(v)) {}
-
-  operator float() const { return ::cupylars_emu::bf16_to_float(__x); }
-  // To integers: round toward zero, saturate, NaN -> 0 (as the GPU converts).
-  operator signed char() const { return ::cupylars_emu::saturate_to<signed char>(truncf(float(*this))); }
-  operator unsigned char() const { return ::cupylars_emu::saturate_to<unsigned char>(truncf(float(*this))); }
-  operator char() const { return ::cupylars_emu::saturate_to<char>(truncf(float(*this))); }
-  operator short() const { return ::cupylars_emu::saturate_to<short>(truncf(float(*this))); }
-  operator unsigned short() const { return ::cupylars_emu::saturate_to<unsigned short>(truncf(float(*this))); }
-  operator int() const { return ::cupylars_emu::saturate_to<int>(truncf(float(*this))); }
-  operator unsigned int() const { return ::cupylars_emu::saturate_to<unsigned int>(truncf(float(*this))); }
-  operator long() const { return ::cupylars_emu::saturate_to<long>(truncf(float(*this))); }
-  operator unsigned long() const { return ::cupylars_emu::saturate_to<unsigned long>(truncf(float(*this))); }
-  operator long long() const { return ::cupylars_emu::saturate_to<long long>(truncf(float(*this))); }
-  operator unsigned long long() const {
-    return ::cupylars_emu::saturate_to<unsigned long long>(truncf(float(*this)));
-  }
-  operator bool() const { return (__x & 0x7fffu) != 0; }
 };
 
-struct __align__(4) __nv_bfloat162 {
-  __nv_bfloat16 x, y;
-  __nv_bfloat162() = default;
-  constexpr __nv_bfloat162(const __nv_bfloat16& a, const __nv_bfloat16& b) : x(a), y(b) {}
-  __nv_bfloat162(const __nv_bfloat162_raw& r) : x(__nv_bfloat16_raw{r.x}), y(__nv_bfloat16_raw{r.y}) {}
-  operator __nv_bfloat162_raw() const {
-    return __nv_bfloat162_raw{static_cast<__nv_bfloat16_raw>(x).x, static_cast<__nv_bfloat16_raw>(y).x};
-  }
+struct __align__(4) __nv_bfloat162
+    : ::cupylars_emu::storage16::Pair16<__nv_bfloat16, ::cupylars_emu::BFloat16Codec> {
+  using Pair16::Pair16;
 };
 
 typedef __nv_bfloat16 nv_bfloat16;
@@ -79,11 +46,7 @@ typedef __nv_bfloat162 nv_bfloat162;
 
 namespace cupylars_emu {
 template <>
-struct Float16Traits<__nv_bfloat16> {
-  static constexpr bool value = true;
-  static unsigned short bits(const __nv_bfloat16& h) { return static_cast<__nv_bfloat16_raw>(h).x; }
-  static __nv_bfloat16 from_bits(unsigned short b) { return __nv_bfloat16(__nv_bfloat16_raw{b}); }
-};
+struct Float16Traits<__nv_bfloat16> : Storage16Traits<__nv_bfloat16, BFloat16Codec> {};
 template <>
 struct Float16PairTraits<__nv_bfloat162> {
   static constexpr bool value = true;
@@ -138,7 +101,6 @@ inline __nv_bfloat16 __low2bfloat16(__nv_bfloat162 h) { return h.x; }
 inline __nv_bfloat16 __high2bfloat16(__nv_bfloat162 h) { return h.y; }
 inline __nv_bfloat162 __lows2bfloat162(__nv_bfloat162 a, __nv_bfloat162 b) { return __nv_bfloat162(a.x, b.x); }
 inline __nv_bfloat162 __highs2bfloat162(__nv_bfloat162 a, __nv_bfloat162 b) { return __nv_bfloat162(a.y, b.y); }
-inline __nv_bfloat162 __lowhigh2highlow(__nv_bfloat162 h) { return __nv_bfloat162(h.y, h.x); }
 
 CUPYLARS_EMU_FLOAT16_INTRINSICS(__nv_bfloat16, __nv_bfloat162)
 

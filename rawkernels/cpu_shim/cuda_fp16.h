@@ -15,64 +15,27 @@ struct __half2_raw {
 };
 
 namespace cupylars_emu {
-// Integers convert exactly to long double (64-bit mantissa), then round to odd
-// at float precision and to nearest even at half precision: one rounding.
-template <class I>
-inline unsigned short integer_to_half_rn(I v) {
-  return float_to_half_rn(round_to_odd_float(static_cast<long double>(v)));
-}
+// IEEE binary16 for Storage16 / Pair16 (cupylars_float16_common.h).
+struct HalfCodec {
+  using raw = __half_raw;
+  using raw2 = __half2_raw;
+  static unsigned short encode(float f) { return float_to_half_rn(f); }
+  static float decode(unsigned short bits) { return half_to_float(bits); }
+};
 }  // namespace cupylars_emu
 
-struct __align__(2) __half {
- protected:
-  unsigned short __x;
-
- public:
-  __half() = default;
-  constexpr __half(const __half_raw& r) : __x(r.x) {}
+// The class body is Storage16, shared with __nv_bfloat16; only the assignment from
+// the raw struct is declared here, so that it returns __half&.
+struct __align__(2) __half : ::cupylars_emu::storage16::Storage16<::cupylars_emu::HalfCodec> {
+  using Storage16::Storage16;
   __half& operator=(const __half_raw& r) {
     __x = r.x;
     return *this;
   }
-  operator __half_raw() const { return __half_raw{__x}; }
-
-  __half(float f) : __x(::cupylars_emu::float_to_half_rn(f)) {}
-  __half(double d) : __x(::cupylars_emu::float_to_half_rn(::cupylars_emu::round_to_odd_float(d))) {}
-  __half(short v) : __x(::cupylars_emu::integer_to_half_rn(v)) {}
-  __half(unsigned short v) : __x(::cupylars_emu::integer_to_half_rn(v)) {}
-  __half(int v) : __x(::cupylars_emu::integer_to_half_rn(v)) {}
-  __half(unsigned int v) : __x(::cupylars_emu::integer_to_half_rn(v)) {}
-  __half(long v) : __x(::cupylars_emu::integer_to_half_rn(v)) {}
-  __half(unsigned long v) : __x(::cupylars_emu::integer_to_half_rn(v)) {}
-  __half(long long v) : __x(::cupylars_emu::integer_to_half_rn(v)) {}
-  __half(unsigned long long v) : __x(::cupylars_emu::integer_to_half_rn(v)) {}
-
-  operator float() const { return ::cupylars_emu::half_to_float(__x); }
-  // To integers: round toward zero, saturate, NaN -> 0 (as the GPU converts).
-  operator signed char() const { return ::cupylars_emu::saturate_to<signed char>(truncf(float(*this))); }
-  operator unsigned char() const { return ::cupylars_emu::saturate_to<unsigned char>(truncf(float(*this))); }
-  operator char() const { return ::cupylars_emu::saturate_to<char>(truncf(float(*this))); }
-  operator short() const { return ::cupylars_emu::saturate_to<short>(truncf(float(*this))); }
-  operator unsigned short() const { return ::cupylars_emu::saturate_to<unsigned short>(truncf(float(*this))); }
-  operator int() const { return ::cupylars_emu::saturate_to<int>(truncf(float(*this))); }
-  operator unsigned int() const { return ::cupylars_emu::saturate_to<unsigned int>(truncf(float(*this))); }
-  operator long() const { return ::cupylars_emu::saturate_to<long>(truncf(float(*this))); }
-  operator unsigned long() const { return ::cupylars_emu::saturate_to<unsigned long>(truncf(float(*this))); }
-  operator long long() const { return ::cupylars_emu::saturate_to<long long>(truncf(float(*this))); }
-  operator unsigned long long() const {
-    return ::cupylars_emu::saturate_to<unsigned long long>(truncf(float(*this)));
-  }
-  operator bool() const { return (__x & 0x7fffu) != 0; }
 };
 
-struct __align__(4) __half2 {
-  __half x, y;
-  __half2() = default;
-  constexpr __half2(const __half& a, const __half& b) : x(a), y(b) {}
-  __half2(const __half2_raw& r) : x(__half_raw{r.x}), y(__half_raw{r.y}) {}
-  operator __half2_raw() const {
-    return __half2_raw{static_cast<__half_raw>(x).x, static_cast<__half_raw>(y).x};
-  }
+struct __align__(4) __half2 : ::cupylars_emu::storage16::Pair16<__half, ::cupylars_emu::HalfCodec> {
+  using Pair16::Pair16;
 };
 
 typedef __half half;
@@ -82,11 +45,7 @@ typedef __half2 nv_half2;
 
 namespace cupylars_emu {
 template <>
-struct Float16Traits<__half> {
-  static constexpr bool value = true;
-  static unsigned short bits(const __half& h) { return static_cast<__half_raw>(h).x; }
-  static __half from_bits(unsigned short b) { return __half(__half_raw{b}); }
-};
+struct Float16Traits<__half> : Storage16Traits<__half, HalfCodec> {};
 template <>
 struct Float16PairTraits<__half2> {
   static constexpr bool value = true;
@@ -131,7 +90,6 @@ inline __half __low2half(__half2 h) { return h.x; }
 inline __half __high2half(__half2 h) { return h.y; }
 inline __half2 __lows2half2(__half2 a, __half2 b) { return __half2(a.x, b.x); }
 inline __half2 __highs2half2(__half2 a, __half2 b) { return __half2(a.y, b.y); }
-inline __half2 __lowhigh2highlow(__half2 h) { return __half2(h.y, h.x); }
 
 CUPYLARS_EMU_FLOAT16_INTRINSICS(__half, __half2)
 

@@ -1,5 +1,11 @@
 // Parts shared by the CPU stand-ins of <cuda_fp16.h> and <cuda_bf16.h>.
 //
+// __half and __nv_bfloat16 differ only in how 16 bits encode a float, so both
+// are thin types over one class template, Storage16, given a small codec
+// (HalfCodec in cuda_fp16.h, BFloat16Codec in cuda_bf16.h); their pair types
+// share Pair16 the same way. They stay distinct types, as in CUDA, so that
+// overloads on __half and on __nv_bfloat16 keep apart.
+//
 // Arithmetic on a 16-bit float is done in float and rounded once to 16 bits.
 // That is the correctly rounded result for + - * / and sqrt (float carries
 // more than twice the 16-bit precision plus two bits), which is what the GPU's
@@ -12,6 +18,102 @@
 
 namespace cupylars_emu {
 
+// A namespace holding nothing but the two base templates: the namespace of a
+// base class takes part in argument-dependent lookup for __half & co., and
+// this keeps the rest of cupylars_emu out of unqualified calls in kernels.
+namespace storage16 {
+
+// The class body CUDA gives __half and __nv_bfloat16: 16 bits of storage,
+// converting constructors from float, double and every integer type, and
+// conversions back to them, all implicit as in CUDA. Codec provides
+//   raw             the CUDA raw struct (__half_raw, __nv_bfloat16_raw),
+//   encode(float)   float -> bits, rounded to nearest even, NaN -> 0x7fff,
+//   decode(bits)    bits -> float.
+// Assignment from the raw struct is declared by each derived type: it returns
+// that type, and a base operator= would drag in the base's own copy assignment
+// and make `h = 1.0f` ambiguous.
+template <class Codec>
+struct Storage16 {
+ private:
+  using Raw = typename Codec::raw;
+
+  // double and integers reach float exactly or rounded to odd, so rounding to
+  // 16 bits afterwards is a single rounding of the original value (an integer
+  // is exact in long double's 64-bit mantissa).
+  static unsigned short encode_double(double d) { return Codec::encode(::cupylars_emu::round_to_odd_float(d)); }
+  template <class I>
+  static unsigned short encode_integer(I v) {
+    return Codec::encode(::cupylars_emu::round_to_odd_float(static_cast<long double>(v)));
+  }
+  // To integers: round toward zero, saturate, NaN -> 0 (as the GPU converts).
+  template <class I>
+  I to_integer() const {
+    return ::cupylars_emu::saturate_to<I>(truncf(Codec::decode(__x)));
+  }
+
+ protected:
+  unsigned short __x;  // named as in CUDA's headers
+
+ public:
+  Storage16() = default;  // trivial, as CUDA's: usable in __shared__ arrays and unions
+  constexpr Storage16(const Raw& r) : __x(r.x) {}
+  operator Raw() const { return Raw{__x}; }
+
+  Storage16(float f) : __x(Codec::encode(f)) {}
+  Storage16(double d) : __x(encode_double(d)) {}
+  Storage16(short v) : __x(encode_integer(v)) {}
+  Storage16(unsigned short v) : __x(encode_integer(v)) {}
+  Storage16(int v) : __x(encode_integer(v)) {}
+  Storage16(unsigned int v) : __x(encode_integer(v)) {}
+  Storage16(long v) : __x(encode_integer(v)) {}
+  Storage16(unsigned long v) : __x(encode_integer(v)) {}
+  Storage16(long long v) : __x(encode_integer(v)) {}
+  Storage16(unsigned long long v) : __x(encode_integer(v)) {}
+
+  operator float() const { return Codec::decode(__x); }
+  operator signed char() const { return to_integer<signed char>(); }
+  operator unsigned char() const { return to_integer<unsigned char>(); }
+  operator char() const { return to_integer<char>(); }
+  operator short() const { return to_integer<short>(); }
+  operator unsigned short() const { return to_integer<unsigned short>(); }
+  operator int() const { return to_integer<int>(); }
+  operator unsigned int() const { return to_integer<unsigned int>(); }
+  operator long() const { return to_integer<long>(); }
+  operator unsigned long() const { return to_integer<unsigned long>(); }
+  operator long long() const { return to_integer<long long>(); }
+  operator unsigned long long() const { return to_integer<unsigned long long>(); }
+  // Both formats keep the sign in bit 15: anything but +-0 is true, NaN included.
+  operator bool() const { return (__x & 0x7fffu) != 0; }
+};
+
+// The body of __half2 / __nv_bfloat162: two Scalars .x, .y and conversions
+// from and to the raw pair struct Codec::raw2. The derived type adds the
+// 4-byte alignment.
+template <class Scalar, class Codec>
+struct Pair16 {
+ private:
+  using Raw = typename Codec::raw;
+  using Raw2 = typename Codec::raw2;
+
+ public:
+  Scalar x, y;
+  Pair16() = default;
+  constexpr Pair16(const Scalar& a, const Scalar& b) : x(a), y(b) {}
+  Pair16(const Raw2& r) : x(Raw{r.x}), y(Raw{r.y}) {}
+  operator Raw2() const { return Raw2{static_cast<Raw>(x).x, static_cast<Raw>(y).x}; }
+};
+
+}  // namespace storage16
+
+// What Float16Traits<T> says for a type built on Storage16: its bits, read
+// and written through the raw struct.
+template <class T, class Codec>
+struct Storage16Traits {
+  static constexpr bool value = true;
+  static unsigned short bits(const T& h) { return static_cast<typename Codec::raw>(h).x; }
+  static T from_bits(unsigned short b) { return T(typename Codec::raw{b}); }
+};
+
 template <class T>
 using EnableFloat16 = std::enable_if_t<Float16Traits<T>::value, int>;
 
@@ -23,6 +125,10 @@ struct Float16PairTraits {
 
 template <class T>
 using EnableFloat16Pair = std::enable_if_t<Float16PairTraits<T>::value, int>;
+
+// Either a 16-bit float or a pair of them.
+template <class T>
+using EnableFloat16OrPair = std::enable_if_t<Float16Traits<T>::value || Float16PairTraits<T>::value, int>;
 
 template <class T>
 inline T fma16(T a, T b, T c) {
@@ -48,22 +154,6 @@ inline T operator*(const T& a, const T& b) {
 template <class T, ::cupylars_emu::EnableFloat16<T> = 0>
 inline T operator/(const T& a, const T& b) {
   return T(static_cast<float>(a) / static_cast<float>(b));
-}
-template <class T, ::cupylars_emu::EnableFloat16<T> = 0>
-inline T& operator+=(T& a, const T& b) {
-  return a = a + b;
-}
-template <class T, ::cupylars_emu::EnableFloat16<T> = 0>
-inline T& operator-=(T& a, const T& b) {
-  return a = a - b;
-}
-template <class T, ::cupylars_emu::EnableFloat16<T> = 0>
-inline T& operator*=(T& a, const T& b) {
-  return a = a * b;
-}
-template <class T, ::cupylars_emu::EnableFloat16<T> = 0>
-inline T& operator/=(T& a, const T& b) {
-  return a = a / b;
 }
 template <class T, ::cupylars_emu::EnableFloat16<T> = 0>
 inline T operator+(const T& a) {
@@ -138,22 +228,6 @@ inline P operator/(const P& a, const P& b) {
   return P(a.x / b.x, a.y / b.y);
 }
 template <class P, ::cupylars_emu::EnableFloat16Pair<P> = 0>
-inline P& operator+=(P& a, const P& b) {
-  return a = a + b;
-}
-template <class P, ::cupylars_emu::EnableFloat16Pair<P> = 0>
-inline P& operator-=(P& a, const P& b) {
-  return a = a - b;
-}
-template <class P, ::cupylars_emu::EnableFloat16Pair<P> = 0>
-inline P& operator*=(P& a, const P& b) {
-  return a = a * b;
-}
-template <class P, ::cupylars_emu::EnableFloat16Pair<P> = 0>
-inline P& operator/=(P& a, const P& b) {
-  return a = a / b;
-}
-template <class P, ::cupylars_emu::EnableFloat16Pair<P> = 0>
 inline P operator-(const P& a) {
   return P(-a.x, -a.y);
 }
@@ -164,6 +238,24 @@ inline bool operator==(const P& a, const P& b) {
 template <class P, ::cupylars_emu::EnableFloat16Pair<P> = 0>
 inline bool operator!=(const P& a, const P& b) {
   return !(a == b);
+}
+
+// ---- compound assignment, scalars and pairs alike ----------------------------------------------------
+template <class T, ::cupylars_emu::EnableFloat16OrPair<T> = 0>
+inline T& operator+=(T& a, const T& b) {
+  return a = a + b;
+}
+template <class T, ::cupylars_emu::EnableFloat16OrPair<T> = 0>
+inline T& operator-=(T& a, const T& b) {
+  return a = a - b;
+}
+template <class T, ::cupylars_emu::EnableFloat16OrPair<T> = 0>
+inline T& operator*=(T& a, const T& b) {
+  return a = a * b;
+}
+template <class T, ::cupylars_emu::EnableFloat16OrPair<T> = 0>
+inline T& operator/=(T& a, const T& b) {
+  return a = a / b;
 }
 
 // ---- the intrinsics that CUDA overloads for both __half and __nv_bfloat16 -----------------------------
@@ -183,7 +275,8 @@ inline bool operator!=(const P& a, const P& b) {
   inline T __hmax(T a, T b) { return T(fmaxf(static_cast<float>(a), static_cast<float>(b))); }            \
   inline T __hmin(T a, T b) { return T(fminf(static_cast<float>(a), static_cast<float>(b))); }            \
   inline bool __heq(T a, T b) { return a == b; }                                                          \
-  inline bool __hne(T a, T b) { return a != b; }                                                          \
+  /* ordered: false when either is NaN (operator!= is the unordered one) */                                \
+  inline bool __hne(T a, T b) { return a == a && b == b && a != b; }                                      \
   inline bool __hlt(T a, T b) { return a < b; }                                                           \
   inline bool __hle(T a, T b) { return a <= b; }                                                          \
   inline bool __hgt(T a, T b) { return a > b; }                                                           \
@@ -205,6 +298,7 @@ inline bool operator!=(const P& a, const P& b) {
   inline T2 __hmin2(T2 a, T2 b) { return T2(__hmin(a.x, b.x), __hmin(a.y, b.y)); }                       \
   inline float __low2float(T2 a) { return static_cast<float>(a.x); }                                     \
   inline float __high2float(T2 a) { return static_cast<float>(a.y); }                                    \
+  inline T2 __lowhigh2highlow(T2 a) { return T2(a.y, a.x); }                                             \
   /* atomicAdd as a compare-and-swap loop on the 16/32-bit storage. */                                    \
   inline T atomicAdd(T* address, T v) {                                                                   \
     return ::cupylars_emu::atomic_update(address, [v](T old) { return old + v; });                       \
