@@ -10,12 +10,26 @@
     the architecture below): step time of cupylars (32-bit and 8-bit state)
     against torch.optim.SGD(momentum=0.9, fused=True) and an eager PyTorch
     implementation of the same LARS step, with float32 and bfloat16 parameters.
+    cupylars is timed twice: the functional API over CuPy arrays
+    (F.lars_update_many) and the torch adapter (cupylars.optim.LARS32bit and
+    LARS8bit .step()) over 161 CUDA torch.nn.Parameters with .grad set. The
+    functional, adapter and fused SGD rows also run with "fresh grads": new
+    gradient tensors before every step, as a training loop with
+    zero_grad(set_to_none=True) gets them from the backward pass.
 
 Timing: CUDA events around each step after warm-up, median of many runs. Before
 each timed step a spin kernel keeps the GPU busy while the host queues the step
 (so the events time the device, not Python), and a buffer larger than L2 is
 overwritten (so no step starts with a warm cache). "wall ms" is the host's view:
-back-to-back steps, then one synchronisation, divided by the count.
+back-to-back steps, then one synchronisation, divided by the count. "host us"
+(per tensor) is the host's time inside one step call: time.perf_counter around
+the call in the event-timed runs (no synchronisation; the spin keeps the GPU
+busy meanwhile), median over the runs, divided by the number of tensors.
+Fresh gradients are allocated (copies of the row's gradients, made while the
+previous ones still exist, so every step sees new addresses) before the spin
+kernel, outside both the events and the host timing; the wall-time loop of a
+fresh-grads row cycles through three gradient sets allocated beforehand, so its
+wall ms includes handing each set over (setting .grad) but no allocation.
 
 Targets on H100 (reported, not asserted): (a) >= 85% of copy bandwidth with
 32-bit state, >= 80% with 8-bit; (b) a LARS step <= 1.5x fused SGD and >= 5x
@@ -32,6 +46,8 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import cycle
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +66,10 @@ HP = {
     "max_unorm": MAX_UNORM,
     "eps": EPS,
 }
+# The torch device of every torch row.
+DEVICE = "cuda"
+# Row-name suffix of the variant with new gradient tensors before every step.
+FRESH = ", fresh grads"
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
@@ -72,6 +92,7 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
 class Timer:
     def __init__(self, cp: Any, flush_mib: int, spin_ms: float) -> None:
         self.cp = cp
+        self.spin_ms = spin_ms
         self.flush = cp.empty(flush_mib * 2**18, dtype=cp.float32) if flush_mib > 0 else None
         self.spin = cp.RawKernel(
             r"""extern "C" __global__ void spin(long long cycles) {
@@ -82,28 +103,48 @@ class Timer:
         )
         self.spin_cycles = np.int64(int(_clock_khz(cp) * spin_ms))  # kHz x ms = cycles
 
-    def device_ms(self, step: Callable[[], None], runs: int, warmup: int) -> float:
+    def device_ms(
+        self,
+        step: Callable[[], None],
+        runs: int,
+        warmup: int,
+        before: Callable[[], None] | None = None,
+        host_ms: list[float] | None = None,
+    ) -> float:
+        """Median device milliseconds of ``step``. ``before`` runs ahead of every
+        step, untimed; ``host_ms`` receives the host milliseconds of each timed call."""
         cp = self.cp
         for _ in range(warmup):
+            if before is not None:
+                before()
             step()
         cp.cuda.Device().synchronize()
         start, end = cp.cuda.Event(), cp.cuda.Event()
         times = []
         for _ in range(runs):
+            if before is not None:
+                before()
             self.spin((1,), (1,), (self.spin_cycles,))
             if self.flush is not None:
                 self.flush.fill(0)
             start.record()
+            t0 = time.perf_counter()
             step()
+            t1 = time.perf_counter()
             end.record()
             end.synchronize()
             times.append(cp.cuda.get_elapsed_time(start, end))
+            if host_ms is not None:
+                host_ms.append((t1 - t0) * 1e3)
         return statistics.median(times)
 
-    def wall_ms(self, step: Callable[[], None], runs: int) -> float:
+    def wall_ms(self, step: Callable[[], None], runs: int, before: Callable[[], None] | None = None) -> float:
+        """Back-to-back steps (each after ``before``, timed too), one synchronisation."""
         self.cp.cuda.Device().synchronize()
         t0 = time.perf_counter()
         for _ in range(runs):
+            if before is not None:
+                before()
             step()
         self.cp.cuda.Device().synchronize()
         return (time.perf_counter() - t0) * 1e3 / runs
@@ -220,17 +261,65 @@ def _eager_lars(torch: Any, params: list, grads: list, bufs: list, first: list[b
         p.copy_(new)
 
 
+@dataclass
+class Row:
+    """What one row of (b) times.
+
+    ``step`` runs one optimizer step. ``new_grads`` allocates a full set of new
+    gradients (as a backward pass after ``zero_grad(set_to_none=True)``) and
+    ``use_grads`` makes the following steps use them. ``details`` adds fields to
+    the row after timing.
+    """
+
+    step: Callable[[], None]
+    new_grads: Callable[[], Any]
+    use_grads: Callable[[Any], None]
+    details: Callable[[], dict] = dict
+
+
 def _time_row(
-    cp: Any, timer: Timer, rows: dict, key: str, make_step: Callable[[], Callable], runs: int
+    cp: Any,
+    timer: Timer,
+    rows: dict,
+    key: str,
+    make_row: Callable[[], Row],
+    runs: int,
+    tensors: int,
+    fresh: bool = False,
 ) -> None:
-    """Build a step (allocating its data), time it, record the row or the error."""
+    """Build a row (allocating its data), time it, record it or the error.
+
+    ``fresh``: new gradients before every step (allocated outside the timed
+    region); the wall-time loop cycles through three sets allocated beforehand.
+    """
+    t0 = time.perf_counter()
+    row = before = pool = None
     try:
-        step = make_step()
-        rows[key] = {"ms": timer.device_ms(step, runs, 5), "wall_ms": timer.wall_ms(step, runs)}
+        row = make_row()
+        if fresh:
+            before = lambda r=row: r.use_grads(r.new_grads())  # noqa: E731
+        host: list[float] = []
+        ms = timer.device_ms(row.step, runs, 5, before=before, host_ms=host)
+        if fresh:
+            pool = cycle([row.new_grads() for _ in range(3)])
+            before = lambda r=row, p=pool: r.use_grads(next(p))  # noqa: E731
+        wall = timer.wall_ms(row.step, runs, before=before)
+        host_ms = statistics.median(host)
+        rows[key] = {
+            "ms": ms,
+            "wall_ms": wall,
+            "host_ms": host_ms,
+            "host_us_per_tensor": host_ms * 1e3 / tensors,
+            # the spin ran out before the host had queued the step: the GPU idled inside the events
+            "host_over_spin": host_ms > timer.spin_ms,
+            "runs": runs,
+            **row.details(),
+        }
     except Exception as e:
         rows[key] = {"error": _err(e)}
-    step = None
+    row = before = pool = None  # drop every reference before freeing the pool
     _free(cp)
+    rows[key]["seconds"] = time.perf_counter() - t0
 
 
 def bench_resnet(cp: Any, timer: Timer, runs: int, results: dict) -> None:
@@ -238,7 +327,8 @@ def bench_resnet(cp: Any, timer: Timer, runs: int, results: dict) -> None:
 
     shapes = resnet50_shapes()
     sizes = [int(np.prod(s)) for s in shapes]
-    results["resnet50"] = {"tensors": len(shapes), "params": sum(sizes)}
+    tensors = len(shapes)
+    results["resnet50"] = {"tensors": tensors, "params": sum(sizes)}
     rows = results["resnet50"].setdefault("rows", {})
     try:
         import torch
@@ -249,7 +339,7 @@ def bench_resnet(cp: Any, timer: Timer, runs: int, results: dict) -> None:
         torch = None
         results["resnet50"]["torch_error"] = _err(e)
 
-    def cupylars_step(fmt: str, bits: int) -> Callable[[], None]:
+    def cupylars_row(fmt: str, bits: int) -> Row:
         def random_list(scale: float, seed: int) -> list:
             return [_random(cp, n, scale, seed + i).reshape(s) for i, (n, s) in enumerate(zip(sizes, shapes))]
 
@@ -259,42 +349,77 @@ def bench_resnet(cp: Any, timer: Timer, runs: int, results: dict) -> None:
             grads = [_as_bf16_bits(cp, x) for x in grads]
             dtype = "bfloat16"
         states = [F.init_state(p, optim_bits=bits, dtype=dtype) for p in params]
-        return lambda: F.lars_update_many(params, grads, states, dtype=dtype, **HP)
+        current = {"grads": grads}
+        return Row(
+            step=lambda: F.lars_update_many(params, current["grads"], states, dtype=dtype, **HP),
+            new_grads=lambda: [g.copy() for g in grads],
+            use_grads=lambda new: current.__setitem__("grads", new),
+        )
 
     def torch_list(tdtype: Any, scale: float, gen: Any) -> list:
-        return [(torch.randn(s, device="cuda", generator=gen) * scale).to(tdtype) for s in shapes]
+        return [(torch.randn(s, device=DEVICE, generator=gen) * scale).to(tdtype) for s in shapes]
 
-    def sgd_step(tdtype: Any) -> Callable[[], None]:
-        gen = torch.Generator(device="cuda").manual_seed(0)
+    def parameter_row(tdtype: Any, make_optimizer: Callable[[list], Any]) -> Row:
+        """``make_optimizer`` over torch.nn.Parameters with .grad set."""
+        gen = torch.Generator(device=DEVICE).manual_seed(0)
         params = [torch.nn.Parameter(t) for t in torch_list(tdtype, 0.05, gen)]
-        for p, g in zip(params, torch_list(tdtype, 1e-3, gen)):
-            p.grad = g
-        opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=True)
-        return opt.step
+        grads = torch_list(tdtype, 1e-3, gen)
 
-    def eager_step(tdtype: Any) -> Callable[[], None]:
-        gen = torch.Generator(device="cuda").manual_seed(0)
+        def use_grads(new: list) -> None:
+            for p, g in zip(params, new):
+                p.grad = g
+
+        use_grads(grads)
+        opt = make_optimizer(params)
+
+        def details() -> dict:
+            backends = getattr(opt, "backends", None)  # cupylars.optim: what ran the last step
+            return {} if backends is None else {"backend": "; ".join(backends.values()) or "none"}
+
+        return Row(opt.step, lambda: [g.clone() for g in grads], use_grads, details)
+
+    def sgd_row(tdtype: Any) -> Row:
+        return parameter_row(
+            tdtype,
+            lambda ps: torch.optim.SGD(ps, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=True),
+        )
+
+    def adapter_row(name: str, tdtype: Any) -> Row:
+        import cupylars.optim
+
+        return parameter_row(tdtype, lambda ps: getattr(cupylars.optim, name)(ps, **HP))
+
+    def eager_row(tdtype: Any) -> Row:
+        gen = torch.Generator(device=DEVICE).manual_seed(0)
         params, grads = torch_list(tdtype, 0.05, gen), torch_list(tdtype, 1e-3, gen)
-        bufs = [torch.zeros(s, device="cuda", dtype=torch.float32) for s in shapes]
+        bufs = [torch.zeros(s, device=DEVICE, dtype=torch.float32) for s in shapes]
         first = [True] * len(params)
 
         def step() -> None:
             with torch.no_grad():
                 _eager_lars(torch, params, grads, bufs, first)
 
-        return step
+        return Row(step, lambda: None, lambda new: None)
+
+    def time_row(key: str, make: Callable[[], Row], n: int = runs, fresh: bool = False) -> None:
+        _time_row(cp, timer, rows, key, make, n, tensors, fresh)
 
     for fmt in ("float32", "bfloat16"):
         for bits in (32, 8):
-            make = lambda f=fmt, b=bits: cupylars_step(f, b)  # noqa: E731
-            _time_row(cp, timer, rows, f"{fmt} cupylars {bits}-bit", make, runs)
+            for variant in ("", FRESH):
+                make = lambda f=fmt, b=bits: cupylars_row(f, b)  # noqa: E731
+                time_row(f"{fmt} cupylars {bits}-bit{variant}", make, fresh=bool(variant))
         if torch is None:
             continue
         tdtype = torch.float32 if fmt == "float32" else torch.bfloat16
-        _time_row(cp, timer, rows, f"{fmt} torch SGD fused", lambda t=tdtype: sgd_step(t), runs)
+        for variant in ("", FRESH):
+            time_row(f"{fmt} torch SGD fused{variant}", lambda t=tdtype: sgd_row(t), fresh=bool(variant))
         # eager LARS launches ~15 kernels per tensor: fewer runs keep the benchmark short
-        eager_runs = max(5, runs // 3)
-        _time_row(cp, timer, rows, f"{fmt} torch eager LARS", lambda t=tdtype: eager_step(t), eager_runs)
+        time_row(f"{fmt} torch eager LARS", lambda t=tdtype: eager_row(t), max(5, runs // 3))
+        for name in ("LARS32bit", "LARS8bit"):
+            for variant in ("", FRESH):
+                make = lambda n=name, t=tdtype: adapter_row(n, t)  # noqa: E731
+                time_row(f"{fmt} optim.{name}{variant}", make, fresh=bool(variant))
 
 
 def check_eager_matches(cp: Any, results: dict) -> None:
@@ -311,13 +436,13 @@ def check_eager_matches(cp: Any, results: dict) -> None:
         worst = 0.0
         params = [cp.asarray(p) for p in p_host]
         states = [F.init_state(p) for p in params]
-        tparams = [torch.tensor(p, device="cuda") for p in p_host]
+        tparams = [torch.tensor(p, device=DEVICE) for p in p_host]
         bufs = [torch.zeros_like(t) for t in tparams]
         first = [True] * len(shapes)
         for _ in range(3):
             F.lars_update_many(params, [cp.asarray(g) for g in g_host], states, **HP)
             with torch.no_grad():
-                _eager_lars(torch, tparams, [torch.tensor(g, device="cuda") for g in g_host], bufs, first)
+                _eager_lars(torch, tparams, [torch.tensor(g, device=DEVICE) for g in g_host], bufs, first)
         for a, t, p0 in zip(params, tparams, p_host):
             moved = np.abs(cp.asnumpy(a) - p0).max()
             worst = max(worst, float(np.abs(cp.asnumpy(a) - t.cpu().numpy()).max() / max(moved, 1e-30)))
@@ -373,22 +498,51 @@ def report(results: dict) -> str:
         lines.append(f"(b) ResNet-50: {resnet['tensors']} tensors, {resnet['params']:,} parameters")
         if "torch_error" in resnet:
             lines.append(f"    torch rows skipped: {resnet['torch_error']}")
-        lines.append(f"    {'':30s} {'gpu ms':>8s} {'wall ms':>8s} {'/ SGD fused':>11s} {'eager /':>8s}")
+        width = 38
+        lines.append(
+            f"    {'':{width}s} {'gpu ms':>8s}  {'wall ms':>8s} {'host us/tensor':>14s} "
+            f"{'/ SGD fused':>11s} {'eager /':>8s}"
+        )
+        names = (
+            "torch SGD fused",
+            "torch eager LARS",
+            "cupylars 32-bit",
+            "cupylars 8-bit",
+            "optim.LARS32bit",
+            "optim.LARS8bit",
+        )
         for fmt in ("float32", "bfloat16"):
-            sgd = rows.get(f"{fmt} torch SGD fused", {}).get("ms")
             eager = rows.get(f"{fmt} torch eager LARS", {}).get("ms")
-            for name in ("torch SGD fused", "torch eager LARS", "cupylars 32-bit", "cupylars 8-bit"):
-                row = rows.get(f"{fmt} {name}")
-                label = f"{fmt} {name}"
-                if row is None:
-                    continue
-                if "error" in row:
-                    lines.append(f"    {label:30s} error: {row['error']}")
-                    continue
-                vs_sgd = f"{row['ms'] / sgd:10.2f}x" if sgd else "          -"
-                mine = eager and name.startswith("cupylars")
-                speedup = f"{eager / row['ms']:7.1f}x" if mine else "       -"
-                lines.append(f"    {label:30s} {row['ms']:8.3f} {row['wall_ms']:8.3f} {vs_sgd} {speedup}")
+            for name in names:
+                for variant in ("", FRESH):
+                    row = rows.get(f"{fmt} {name}{variant}")
+                    label = f"{fmt} {name}{variant}"
+                    if row is None:
+                        continue
+                    if "error" in row:
+                        lines.append(f"    {label:{width}s} error: {row['error']}")
+                        continue
+                    sgd = rows.get(f"{fmt} torch SGD fused{variant}", {}).get("ms")  # same gradients
+                    vs_sgd = f"{row['ms'] / sgd:10.2f}x" if sgd else "          -"
+                    mine = eager and name.startswith(("cupylars", "optim."))
+                    speedup = f"{eager / row['ms']:7.1f}x" if mine else "       -"
+                    host = _cell(row, "host_us_per_tensor", "{:.2f}")
+                    mark = "*" if row.get("host_over_spin") else " "
+                    times = f"{row['ms']:8.3f}{mark} {row['wall_ms']:8.3f} {host:>14s}"
+                    lines.append(f"    {label:{width}s} {times} {vs_sgd} {speedup}")
+                    backend = row.get("backend")
+                    if backend is not None and not backend.startswith("cuda"):
+                        lines.append(f"      ! not the CUDA kernels: {backend}")
+        n = resnet["tensors"]
+        lines += [
+            "    cupylars N-bit: F.lars_update_many on CuPy arrays; optim.LARS*: the torch adapter's",
+            f"    step() on {n} CUDA torch.nn.Parameters. fresh grads: new gradient tensors before",
+            "    every step (allocated untimed), as after zero_grad(set_to_none=True).",
+            f"    host us/tensor: median host time inside one step call (no synchronisation) / {n}.",
+        ]
+        if any(row.get("host_over_spin") for row in rows.values()):
+            spin = results.get("spin_ms", "--spin-ms")
+            lines.append(f"    * host time > the {spin} ms spin before each step: gpu ms includes host time")
         lines.append("    targets: LARS <= 1.5x fused SGD, >= 5x faster than eager LARS (gpu ms)")
     check = results.get("eager_check")
     if check is not None:
@@ -436,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         "cupy": cp.__version__,
         "large_elements": args.large_elements,
         "runs": args.runs,
+        "spin_ms": args.spin_ms,
         "hyperparameters": HP,
     }
     try:
