@@ -712,18 +712,25 @@ _BACKENDS: dict[tuple[str, int | None], CudaBackend] = {}
 _BACKENDS_LOCK = threading.Lock()
 
 
+def _shared_backend(key: tuple[str, int | None], make: Callable[[], CudaBackend]) -> CudaBackend:
+    """One backend per key and process: its caches (modules, tables) are shared."""
+    with _BACKENDS_LOCK:
+        backend = _BACKENDS.get(key)
+        if backend is None:
+            backend = _BACKENDS[key] = make()
+    return backend
+
+
 def cupy_backend() -> CudaBackend:
     """The backend for CuPy arrays (one per process; modules compile per device)."""
-    with _BACKENDS_LOCK:
-        backend = _BACKENDS.get(("cupy", None))
-        if backend is None:
-            backend = CudaBackend(
-                _CupyRuntime(),
-                reason="CuPy arrays: fused CUDA kernels (rawkernels/lars_kernels.cu) compiled by "
-                "cupy.RawModule and launched on CuPy's current stream",
-            )
-            _BACKENDS[("cupy", None)] = backend
-    return backend
+    return _shared_backend(
+        ("cupy", None),
+        lambda: CudaBackend(
+            _CupyRuntime(),
+            reason="CuPy arrays: fused CUDA kernels (rawkernels/lars_kernels.cu) compiled by "
+            "cupy.RawModule and launched on CuPy's current stream",
+        ),
+    )
 
 
 def emulated_backend(chunk_size: int | None = None) -> CudaBackend:
@@ -732,14 +739,12 @@ def emulated_backend(chunk_size: int | None = None) -> CudaBackend:
     ``chunk_size`` (elements per block; default :data:`CHUNK_SIZE` at call time)
     lets tests reach multi-chunk tensors with small arrays.
     """
-    with _BACKENDS_LOCK:
-        backend = _BACKENDS.get(("emulated", chunk_size))
-        if backend is None:
-            backend = CudaBackend(
-                _EmulatedRuntime(),
-                reason="inside cupylars.testing.emulated_cuda(): the CUDA kernels of rawkernels/ "
-                "compiled with g++ through the CPU shim and run on NumPy arrays",
-                chunk_size=chunk_size,
-            )
-            _BACKENDS[("emulated", chunk_size)] = backend
-    return backend
+    return _shared_backend(
+        ("emulated", chunk_size),
+        lambda: CudaBackend(
+            _EmulatedRuntime(),
+            reason="inside cupylars.testing.emulated_cuda(): the CUDA kernels of rawkernels/ "
+            "compiled with g++ through the CPU shim and run on NumPy arrays",
+            chunk_size=chunk_size,
+        ),
+    )
