@@ -766,90 +766,60 @@ def _group_config(
     return cfg, optim_bits, min_8bit_size
 
 
-class LARS8bit(LARS):
+class _FixedBitsLARS(LARS):
+    """LARS with ``optim_bits`` fixed by the subclass (bitsandbytes' signature less optim_bits)."""
+
+    _OPTIM_BITS: int
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float | torch.Tensor,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        max_unorm: float = 0.02,
+        *,
+        trust_coefficient: float = 0.0,
+        trust_clip: bool = False,
+        eps: float = 1e-8,
+        nonfinite: str = "skip",
+        foreach: bool | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            momentum,
+            dampening,
+            weight_decay,
+            nesterov,
+            self._OPTIM_BITS,
+            args,
+            min_8bit_size,
+            percentile_clipping,
+            max_unorm,
+            trust_coefficient=trust_coefficient,
+            trust_clip=trust_clip,
+            eps=eps,
+            nonfinite=nonfinite,
+            foreach=foreach,
+        )
+
+
+class LARS8bit(_FixedBitsLARS):
     __doc__ = _DOC.format(
         bits="8-bit ",
         summary="blockwise 8-bit codes for tensors of at least ``min_8bit_size`` elements, "
         "float32 for smaller ones.",
         bits_arg="",
     )
-
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float | torch.Tensor,
-        momentum: float = 0,
-        dampening: float = 0,
-        weight_decay: float = 0,
-        nesterov: bool = False,
-        args: Any = None,
-        min_8bit_size: int = 4096,
-        percentile_clipping: int = 100,
-        max_unorm: float = 0.02,
-        *,
-        trust_coefficient: float = 0.0,
-        trust_clip: bool = False,
-        eps: float = 1e-8,
-        nonfinite: str = "skip",
-        foreach: bool | None = None,
-    ) -> None:
-        super().__init__(
-            params,
-            lr,
-            momentum,
-            dampening,
-            weight_decay,
-            nesterov,
-            8,
-            args,
-            min_8bit_size,
-            percentile_clipping,
-            max_unorm,
-            trust_coefficient=trust_coefficient,
-            trust_clip=trust_clip,
-            eps=eps,
-            nonfinite=nonfinite,
-            foreach=foreach,
-        )
+    _OPTIM_BITS = 8
 
 
-class LARS32bit(LARS):
+class LARS32bit(_FixedBitsLARS):
     __doc__ = _DOC.format(bits="32-bit ", summary="float32 momentum for every tensor.", bits_arg="")
-
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float | torch.Tensor,
-        momentum: float = 0,
-        dampening: float = 0,
-        weight_decay: float = 0,
-        nesterov: bool = False,
-        args: Any = None,
-        min_8bit_size: int = 4096,
-        percentile_clipping: int = 100,
-        max_unorm: float = 0.02,
-        *,
-        trust_coefficient: float = 0.0,
-        trust_clip: bool = False,
-        eps: float = 1e-8,
-        nonfinite: str = "skip",
-        foreach: bool | None = None,
-    ) -> None:
-        super().__init__(
-            params,
-            lr,
-            momentum,
-            dampening,
-            weight_decay,
-            nesterov,
-            32,
-            args,
-            min_8bit_size,
-            percentile_clipping,
-            max_unorm,
-            trust_coefficient=trust_coefficient,
-            trust_clip=trust_clip,
-            eps=eps,
-            nonfinite=nonfinite,
-            foreach=foreach,
-        )
+    _OPTIM_BITS = 32
