@@ -65,6 +65,8 @@ from typing import Any
 
 import numpy as np
 
+from . import _cache
+
 __all__ = [
     "DEFAULT_STACK_SIZE",
     "EmulatedKernel",
@@ -207,11 +209,7 @@ _compiler_ids: dict[str, str] = {}
 
 
 def _cache_root() -> Path:
-    base = os.environ.get("CUPYLARS_CACHE_DIR")
-    if base:
-        return Path(base) / "emulator"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "cupylars" / "emulator"
+    return _cache.cache_root("emulator")
 
 
 def _compiler_id(cxx: str) -> str:
@@ -364,11 +362,11 @@ def _build(
     with _lock:
         if key in _libraries:
             return _libraries[key], Path(_libraries[key]._name), False
-        folder = Path(cache_dir) if cache_dir is not None else _cache_root()
-        folder.mkdir(parents=True, exist_ok=True)
+        # Loaded code must come from a folder and file that only this user can write.
+        folder = _cache.private_folder(Path(cache_dir) if cache_dir is not None else _cache_root())
         library_path = folder / f"module-{key}.so"
         compiled = False
-        if not library_path.exists():
+        if not library_path.exists() or not _cache.trusted(library_path):
             _compile(cxx, flags, unit, folder, key, library_path)
             compiled = True
         library = ctypes.CDLL(str(library_path))
@@ -396,6 +394,7 @@ def _compile(cxx: str, flags: Sequence[str], unit: str, folder: Path, key: str, 
             raise EmulatorCompileError(
                 f"g++ failed to build the emulated CUDA module ({source}):\n{output}{_compile_hint(output)}"
             )
+        os.chmod(partial, 0o700)  # the linker's mode follows the umask; nobody else may write it
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):

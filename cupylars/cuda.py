@@ -39,14 +39,21 @@ from typing import Any
 
 import numpy as np
 
+from . import plan as tables
 from . import quantization
 from ._paths import kernel_dir
 from .config import NONFINITE_POLICIES, LarsConfig
-from .formats import FORMATS
+from .plan import (
+    COEF_WORDS,
+    FORMAT_NAMES,
+    STATE_NAMES,
+    SUMS,
+    TENSOR_FIELDS,
+    first_overlap,
+)
 from .state import LarsState
 
 __all__ = [
-    "CHUNK_SIZE",
     "CudaBackend",
     "cuda_include_dirs",
     "cupy_backend",
@@ -59,25 +66,8 @@ __all__ = [
 # ---- mirrors rawkernels/lars_common.cuh (tests/test_kernels_compile.py checks) --------------
 THREADS = 256  # kThreads
 FINALIZE_THREADS = 128  # kFinalizeThreads
-TILE = 256  # kTile: elements a warp handles per iteration, one 8-bit absmax block
-SUMS = 6  # kSums
-TENSOR_FIELDS = 12  # kTensorFields
-FIELD_PARAM, FIELD_GRAD, FIELD_STATE, FIELD_ABSMAX = 0, 1, 2, 3
-FIELD_STEP, FIELD_SKIP, FIELD_HISTORY, FIELD_SIZE = 4, 5, 6, 7
-FIELD_FIRST_BLOCK, FIELD_NUM_BLOCKS, FIELD_VECTOR = 8, 9, 10
-COEF_WORDS = 4  # sizeof(TensorCoef) / 4
-SWITCH_PERCENTILE, SWITCH_TRUST, SWITCH_TRUST_CLIP = 1, 2, 4
-SWITCH_MOMENTUM, SWITCH_NESTEROV, SWITCH_UNORM = 8, 16, 32
-NO_STATE, STATE_32, STATE_8 = 0, 1, 2
-
-FORMAT_NAMES = ("f32", "f16", "bf16")  # kernel-name spelling of formats.FORMATS
-STATE_NAMES = ("nostate", "state32", "state8")
 KERNEL_SOURCE = "lars_kernels.cu"
 KERNEL_HEADER = "lars_common.cuh"
-
-#: Default elements per (tensor, chunk) block: 64 per thread of a 256-thread
-#: block. A multiple of TILE so that chunks never split an 8-bit absmax block.
-CHUNK_SIZE = 16384
 
 
 def kernel_names() -> list[str]:
@@ -306,7 +296,7 @@ class _EmulatedRuntime:
 # ---- metadata -----------------------------------------------------------------------------------
 @dataclass(eq=False)
 class _Plan:
-    """Tables for one list of parameters and states (cached while their arrays stay put).
+    """Device tables for one list of parameters and states (cached while their arrays stay put).
 
     Everything here depends on the parameters and states only, except the
     gradient column of the tensor rows, rewritten (and the rows uploaded again)
@@ -315,20 +305,28 @@ class _Plan:
     """
 
     param_addresses: list[int]  # of the live params, in the caller's order: the plan's key
-    order: list[int]  # caller's index of each tensor row
-    host_tensors: np.ndarray  # host copy of the tensor rows, num_tensors x TENSOR_FIELDS
-    vector_base: np.ndarray  # bool per row: p (and m) aligned for quad access
-    grad_width: np.ndarray  # int64 per row: the alignment a quad of the gradient needs
+    host: tables.Tables  # the host tables (the tensor rows are kept current)
     grad_addresses: list[int]  # what the device rows hold, in row order
     tensors: Any  # device int64 view: num_tensors x TENSOR_FIELDS
     blocks: Any  # device int64 view: num_blocks
-    num_tensors: int
-    num_blocks: int
-    stats_launches: list[tuple[str, int, int]]  # (kernel, first block, blocks)
-    update_launches: list[tuple[str, int, int]]
-    block_owner: np.ndarray  # host: caller's tensor index of each block
     keepalive: Any  # the runtime's hold on the table's upload buffer
     rows_keepalive: Any = None  # ... and on the last re-upload of the tensor rows
+
+    @property
+    def order(self) -> list[int]:
+        return self.host.order
+
+    @property
+    def host_tensors(self) -> np.ndarray:
+        return self.host.rows
+
+    @property
+    def num_tensors(self) -> int:
+        return self.host.num_tensors
+
+    @property
+    def num_blocks(self) -> int:
+        return self.host.num_blocks
 
 
 @dataclass
@@ -349,6 +347,8 @@ def _writeable(flags: Any) -> bool:
 class CudaBackend:
     """Runs :func:`cupylars.functional.lars_update_many` through the CUDA kernels."""
 
+    takes_addresses = True  # update_many accepts grad_addresses for grads
+
     _PLAN_CACHE_SIZE = 16
 
     def __init__(self, runtime: Any, reason: str, chunk_size: int | None = None) -> None:
@@ -357,7 +357,10 @@ class CudaBackend:
         self.reason = reason
         self.chunk_size = chunk_size
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
-        self._scratch: dict[tuple[int, int], _Scratch] = {}
+        self._lock = threading.RLock()
+        # Scratch per thread (and device and stream): two threads stepping different
+        # tensor lists must not read each other's partial sums, even on one stream.
+        self._scratch = threading.local()
         # Replaced device tables and their upload buffers, let go once they are old enough
         # that no queued kernel reads them and their copies have long run (releasing an
         # upload buffer synchronises with its copy). A CUDA graph captured over a table
@@ -403,23 +406,27 @@ class CudaBackend:
             checked.renew(states)
 
         ctx = rt.context()
-        plan = self._plan(ctx, chunk, checked, params, grads, grad_addresses, states, uses_m, stats_m)
+        with self._lock:  # the plan cache is shared by every thread of the process
+            plan = self._plan(ctx, chunk, checked, params, grads, grad_addresses, states, uses_m, stats_m)
         scratch = self._scratch_for(ctx, plan)
         code_map = rt.code_map()
-        self._launch_chunks(plan.stats_launches, plan, chunk, np.int32(need_p), code_map, scratch.partials)
+        self._launch_chunks(plan.host.stats_runs, plan, chunk, np.int32(need_p), code_map, scratch.partials)
 
         if raising:
             # The one synchronising path: the stats pass's g.g partials say which
             # gradients are finite before anything is written.
             gg = rt.download(scratch.partials[: plan.num_blocks * SUMS]).reshape(-1, SUMS)[:, 0]
-            bad = sorted({int(i) for i in plan.block_owner[~np.isfinite(gg)]})
+            bad = sorted({int(i) for i in plan.host.block_owner[~np.isfinite(gg)]})
             if bad:
                 raise FloatingPointError(f"non-finite gradient in tensor(s) {bad}; nothing was updated")
             if uses_m and not checked.has_momentum:
                 for i in live:
                     states[i].ensure_momentum(rt.xp)
                 checked.renew(states)
-                plan = self._plan(ctx, chunk, checked, params, grads, grad_addresses, states, uses_m, stats_m)
+                with self._lock:
+                    plan = self._plan(
+                        ctx, chunk, checked, params, grads, grad_addresses, states, uses_m, stats_m
+                    )
 
         self._launch(
             "lars_finalize",
@@ -437,7 +444,7 @@ class CudaBackend:
                 np.float64(cfg.eps),
                 np.float64(cfg.max_unorm),
                 np.int32(cfg.percentile_clipping),
-                np.int32(_switches(cfg)),
+                np.int32(tables.switches(cfg)),
                 np.int32(NONFINITE_POLICIES.index(cfg.nonfinite)),
             ),
         )
@@ -447,14 +454,11 @@ class CudaBackend:
         keep = np.float32(1.0 - cfg.dampening)
         # Launched last-first: the stats pass ended there, so that data may still be in L2.
         tail = (scratch.coefs, code_map, lam, mu, keep, np.int32(cfg.nesterov))
-        self._launch_chunks(plan.update_launches[::-1], plan, chunk, *tail)
+        self._launch_chunks(plan.host.update_runs[::-1], plan, chunk, *tail)
 
     # -- internals -------------------------------------------------------------------------------
     def _chunk(self) -> int:
-        chunk = int(self.chunk_size if self.chunk_size is not None else CHUNK_SIZE)
-        if chunk <= 0 or chunk % TILE or chunk >= 2**31:
-            raise ValueError(f"chunk size must be a positive multiple of {TILE} below 2**31, got {chunk}")
-        return chunk
+        return tables.check_chunk(self.chunk_size if self.chunk_size is not None else tables.CHUNK_SIZE)
 
     def _launch_chunks(
         self, runs: Sequence[tuple[str, int, int]], plan: _Plan, chunk: int, *tail: Any
@@ -564,11 +568,8 @@ class CudaBackend:
 
     def _set_grads(self, plan: _Plan, grad_addresses: list[int]) -> None:
         """New gradient addresses: rewrite the gradient column, upload the tensor rows."""
-        g = np.array(grad_addresses, dtype=np.int64)
-        rows = plan.host_tensors
-        rows[:, FIELD_GRAD] = g
-        rows[:, FIELD_VECTOR] = plan.vector_base & (g % plan.grad_width == 0)
-        device_rows, keepalive = self.runtime.upload(rows.reshape(-1))
+        plan.host.set_grads(grad_addresses)
+        device_rows, keepalive = self.runtime.upload(plan.host.rows.reshape(-1))
         self._retire(plan.tensors, plan.rows_keepalive)
         plan.tensors = device_rows
         plan.rows_keepalive = keepalive
@@ -592,99 +593,35 @@ class CudaBackend:
         stats_m: bool,
     ) -> _Plan:
         """Tables for the live tensors; both address lists follow ``checked.live``."""
-        address = self.runtime.address
-        rows = []
-        for k, i in enumerate(checked.live):
-            st = states[i]
-            mode = (STATE_8 if st.is_8bit else STATE_32) if uses_m else NO_STATE
-            state = st.codes if st.is_8bit else st.momentum
-            rows.append(
-                (
-                    FORMATS.index(checked.formats[i]),
-                    mode,
-                    i,
-                    param_addresses[k],
-                    grad_addresses[k],
-                    address(state) if (uses_m and state is not None) else 0,
-                    address(st.absmax) if (uses_m and st.is_8bit and st.absmax is not None) else 0,
-                    address(st.step_count),
-                    address(st.skip_count),
-                    address(st.history),
-                    st.size,
-                    checked.dtypes[i].itemsize,
-                )
-            )
-        # Tensors sorted by (format, state mode): each kernel variant covers one
-        # contiguous run of blocks, and each tensor's blocks are contiguous.
-        rows.sort(key=lambda r: (r[0], r[1], r[2]))
-        num_tensors = len(rows)
-        cols = np.array([r[3:] for r in rows], dtype=np.int64).reshape(num_tensors, 9)
-        p, g, m, absmax, step, skip, hist, sizes, itemsize = cols.T
-        modes = np.array([r[1] for r in rows], dtype=np.int64)
-        nblocks = -(-sizes // chunk)
-        first = np.concatenate([[0], np.cumsum(nblocks)[:-1]]).astype(np.int64)
-        num_blocks = int(nblocks.sum())
-
-        table = np.zeros(num_tensors * TENSOR_FIELDS + num_blocks, dtype=np.int64)
-        tens = table[: num_tensors * TENSOR_FIELDS].reshape(num_tensors, TENSOR_FIELDS)
-        blocks = table[num_tensors * TENSOR_FIELDS :]
-        tens[:, FIELD_PARAM] = p
-        tens[:, FIELD_GRAD] = g
-        tens[:, FIELD_STATE] = m
-        tens[:, FIELD_ABSMAX] = absmax
-        tens[:, FIELD_STEP] = step
-        tens[:, FIELD_SKIP] = skip
-        tens[:, FIELD_HISTORY] = hist
-        tens[:, FIELD_SIZE] = sizes
-        tens[:, FIELD_FIRST_BLOCK] = first
-        tens[:, FIELD_NUM_BLOCKS] = nblocks
-        # Quad (vector) access needs p and g aligned to a quad of their format, and m to a
-        # quad of float32 (32-bit state) or of codes (8-bit state).
-        grad_width = 4 * itemsize
-        m_width = np.where(modes == STATE_32, 16, 4)
-        vector_base = (p % grad_width == 0) & ((m == 0) | (m % m_width == 0))
-        tens[:, FIELD_VECTOR] = vector_base & (g % grad_width == 0)
-        owner = np.repeat(np.array([r[2] for r in rows], dtype=np.int64), nblocks)
-        # block j of tensor k: (k << 32) | j
-        within = np.arange(num_blocks, dtype=np.int64) - np.repeat(first, nblocks)
-        blocks[:] = (np.repeat(np.arange(num_tensors, dtype=np.int64), nblocks) << 32) | within
-
-        update_runs: list[list] = []
-        stats_runs: list[list] = []
-        for k, r in enumerate(rows):
-            fmt, mode = r[0], r[1]
-            lo, count = int(first[k]), int(nblocks[k])
-            for runs, kernel in (
-                (update_runs, f"lars_update_{FORMAT_NAMES[fmt]}_{STATE_NAMES[mode]}"),
-                (stats_runs, f"lars_stats_{FORMAT_NAMES[fmt]}_{STATE_NAMES[mode if stats_m else NO_STATE]}"),
-            ):
-                if runs and runs[-1][0] == kernel:
-                    runs[-1][2] += count
-                else:
-                    runs.append([kernel, lo, count])
-
-        device_table, keepalive = self.runtime.upload(table)
+        check_no_overlap(checked.live, param_addresses, [checked.nbytes[i] for i in checked.live])
+        host = tables.build_tables(
+            checked.formats,
+            [d.itemsize for d in checked.dtypes],
+            checked.live,
+            param_addresses,
+            grad_addresses,
+            states,
+            self.runtime.address,
+            chunk,
+            uses_m,
+            stats_m,
+        )
+        device_table, keepalive = self.runtime.upload(host.table)
+        split = host.num_tensors * TENSOR_FIELDS
         return _Plan(
             param_addresses=param_addresses,
-            order=[r[2] for r in rows],
-            host_tensors=tens.copy(),
-            vector_base=vector_base,
-            grad_width=grad_width,
-            grad_addresses=[int(a) for a in g],
-            tensors=device_table[: num_tensors * TENSOR_FIELDS],
-            blocks=device_table[num_tensors * TENSOR_FIELDS :],
-            num_tensors=num_tensors,
-            num_blocks=num_blocks,
-            stats_launches=[tuple(r) for r in stats_runs],
-            update_launches=[tuple(r) for r in update_runs],
-            block_owner=owner,
+            host=host,
+            grad_addresses=host.grad_addresses(),
+            tensors=device_table[:split],
+            blocks=device_table[split:],
             keepalive=keepalive,
         )
 
     def _scratch_for(self, ctx: tuple[int, int], plan: _Plan) -> _Scratch:
-        """Grow-only scratch per (device, stream): reused by every later step."""
+        """Grow-only scratch per (thread, device, stream): reused by every later step."""
         need_p, need_c = plan.num_blocks * SUMS, plan.num_tensors * COEF_WORDS
-        have = self._scratch.get(ctx)
+        mine: dict[tuple[int, int], _Scratch] = self._scratch.__dict__.setdefault("by_context", {})
+        have = mine.get(ctx)
         if have is None or have.partials.size < need_p or have.coefs.size < need_c:
             old_p = 0 if have is None else have.partials.size
             old_c = 0 if have is None else have.coefs.size
@@ -692,19 +629,19 @@ class CudaBackend:
                 partials=self.runtime.empty(max(need_p, old_p), np.float64),
                 coefs=self.runtime.empty(max(need_c, old_c), np.int32),
             )
-            self._scratch[ctx] = have
+            mine[ctx] = have
         return have
 
 
-def _switches(cfg: LarsConfig) -> int:
-    bits = 0
-    bits |= SWITCH_PERCENTILE if cfg.clips_percentile else 0
-    bits |= SWITCH_TRUST if cfg.uses_trust_ratio else 0
-    bits |= SWITCH_TRUST_CLIP if cfg.trust_clip else 0
-    bits |= SWITCH_MOMENTUM if cfg.uses_momentum else 0
-    bits |= SWITCH_NESTEROV if cfg.nesterov else 0
-    bits |= SWITCH_UNORM if cfg.clips_update_norm else 0
-    return bits
+def check_no_overlap(live: Sequence[int], addresses: Sequence[int], nbytes: Sequence[int]) -> None:
+    """Refuse parameters whose memory overlaps: the chunks of one step would race on it."""
+    pair = first_overlap([(a, a + n) for a, n in zip(addresses, nbytes)])
+    if pair is not None:
+        i, j = live[pair[0]], live[pair[1]]
+        raise ValueError(
+            f"params[{i}] and params[{j}] overlap in memory (views of one buffer): each parameter "
+            "must own its memory, or the result would depend on the order of the updates"
+        )
 
 
 # ---- backends -------------------------------------------------------------------------------------

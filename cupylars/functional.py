@@ -9,12 +9,15 @@ State is passed explicitly, optax style::
         grad = compute_grad(param)
         F.lars_update(param, grad, state, lr=0.1, momentum=0.9, weight_decay=1e-4)
 
-One API, two backends, chosen by the arrays' module: NumPy arrays take the
-NumPy reference (:mod:`cupylars.reference`, the specification), CuPy arrays
-the fused CUDA kernels (:mod:`cupylars.cuda`). Inside
-``cupylars.testing.emulated_cuda()`` NumPy arrays take the CUDA kernels
-compiled for and run on the CPU. :func:`backend_for` says which backend a
-call would take, and why.
+One API over any array that speaks DLPack and can be written in place: NumPy
+and CuPy arrays, torch tensors on the CPU or a CUDA device (zero-copy; a
+bfloat16 tensor needs no ``dtype``). Host arrays take the native CPU backend
+(:mod:`cupylars.cpu`, the CUDA kernels' math compiled for the host), CUDA
+arrays the fused CUDA kernels (:mod:`cupylars.cuda`); ``backend="reference"``
+(or ``CUPYLARS_BACKEND=reference``) takes the NumPy reference
+(:mod:`cupylars.reference`), the specification the others are tested against.
+:func:`backend_for` says which backend a call would take, and why
+(:mod:`cupylars.backends`).
 
 The step, per tensor, at applied step :math:`t` (docs/algorithm.md):
 
@@ -34,6 +37,7 @@ The step, per tensor, at applied step :math:`t` (docs/algorithm.md):
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,7 +47,8 @@ from typing import Any
 
 import numpy as np
 
-from . import reference
+from . import backends
+from .backends import Backend, ReferenceBackend
 from .config import NONFINITE_POLICIES, LarsConfig
 from .formats import resolve_format
 from .quantization import dequantize_blockwise, dynamic_map, quantize_blockwise
@@ -66,13 +71,15 @@ __all__ = [
 def init_state(
     param: Any, *, optim_bits: int = 32, min_8bit_size: int = 4096, dtype: str | None = None
 ) -> LarsState:
-    """A fresh state for ``param`` (NumPy or CuPy array; no values are read).
+    """A fresh state for ``param`` (no values are read), in ``param``'s array module:
+    NumPy arrays for host arrays and CPU tensors, CuPy arrays for CUDA ones.
 
     With ``optim_bits=8`` a tensor of at least ``min_8bit_size`` elements keeps
     its momentum as 8-bit blockwise codes; smaller tensors keep float32.
     ``dtype='bfloat16'`` declares a uint16 array of bfloat16 bit patterns.
     """
-    fmt = resolve_format(param, dtype)
+    param, declared = _as_array(param, "param")
+    fmt = resolve_format(param, dtype or declared)
     xp = array_module(param)
     if xp is not np:
         with xp.cuda.Device(param.device.id):
@@ -99,6 +106,7 @@ def lars_update(
     eps: float = 1e-8,
     nonfinite: str = "skip",
     dtype: str | None = None,
+    backend: str | None = None,
 ) -> None:
     """Apply one LARS step to ``param`` and ``state``, in place.
 
@@ -119,7 +127,11 @@ def lars_update(
         eps: added to the trust-ratio denominator.
         nonfinite: a gradient with NaN/Inf is ``'skip'`` ped (state.skipped
             counts it), ``'raise'`` s FloatingPointError, or ``'propagate'`` s.
-        dtype: storage format when the arrays cannot tell (``'bfloat16'``).
+        dtype: storage format when the arrays cannot tell (``'bfloat16'`` for
+            uint16 bit patterns; torch bfloat16 tensors tell).
+        backend: ``'auto'`` (default: ``CUPYLARS_BACKEND``, else the native CPU
+            backend for host arrays and the CUDA kernels for CUDA arrays),
+            ``'reference'``, ``'cpu'`` or ``'cuda'``.
 
     Raises:
         TypeError, ValueError: on any invalid argument; nothing is modified.
@@ -140,6 +152,7 @@ def lars_update(
         eps=eps,
         nonfinite=nonfinite,
         dtype=dtype,
+        backend=backend,
     )
 
 
@@ -149,6 +162,7 @@ def lars_update_many(
     states: Sequence[LarsState],
     *,
     dtype: str | None = None,
+    backend: str | None = None,
     **hyperparameters: Any,
 ) -> None:
     """:func:`lars_update` over a list of tensors in one call.
@@ -167,12 +181,19 @@ def lars_update_many(
     (reshaped, made read-only) are not seen: assign them instead.
     """
     cfg = LarsConfig(**hyperparameters)
+    tensors = None
+    if not _plain_arrays(params) or not _plain_arrays(grads):
+        tensors = [p for p in params if type(p).__module__.split(".")[0] == "torch"]
+        params, grads, dtype = _as_arrays(params, grads, dtype)
     checked = _checked(params, grads, states, dtype)
-    backend = _backend_for_module(checked.module)
-    if backend.name == "reference":
-        _reference_update_many(params, grads, states, cfg, checked.formats)
-    else:
-        backend.update_many(params, grads, states, cfg, checked)
+    chosen = backends.select(checked.module, backend)
+    if isinstance(chosen, ReferenceBackend):
+        _check_no_overlap(params, checked.live)  # the other backends check it when their tables change
+    chosen.update_many(params, grads, states, cfg, checked)
+    if tensors:
+        # The arrays wrote the tensors behind autograd's back: tell it, so a backward
+        # through a graph that saved the old values fails loudly instead of silently.
+        sys.modules["torch"].autograd.graph.increment_version(tensors)
 
 
 # -- validation ----------------------------------------------------------------------
@@ -218,11 +239,54 @@ def validate_inputs(
         for name, array in state.arrays().items():
             _check_same_module(f"states.{name}", array, xp, i)
         state.check()
+        if not _writeable(param):
+            raise ValueError(
+                f"params[{i}] is read-only (a NumPy array without the write flag, or an immutable "
+                "array such as JAX's): LARS updates parameters in place"
+            )
+        for name, array in state.arrays().items():
+            if not _writeable(array):
+                raise ValueError(f"states[{i}].{name} is read-only: the step writes it")
         if id(param) in seen:
             raise ValueError(f"params[{i}] appears twice in one update")
         seen.add(id(param))
         formats.append(fmt)
     return formats
+
+
+def _writeable(array: Any) -> bool:
+    # CuPy arrays have no read-only flag (cupy.ndarray.flags has no `writeable`).
+    return getattr(array.flags, "writeable", True)
+
+
+def _extent(array: Any) -> tuple[int, int]:
+    """[first byte, last byte + 1) of an array's elements."""
+    if array.size == 0:
+        return (0, 0)
+    interface = getattr(array, "__array_interface__", None) or array.__cuda_array_interface__
+    start = end = int(interface["data"][0])
+    for n, stride in zip(array.shape, array.strides):
+        reach = (n - 1) * stride
+        start, end = (start + reach, end) if reach < 0 else (start, end + reach)
+    return (start, end + array.itemsize)
+
+
+def _check_no_overlap(params: Sequence[Any], live: Sequence[int]) -> None:
+    """Two parameters of one call must not share memory: the update would race on it."""
+    from .plan import first_overlap
+
+    pair = first_overlap([_extent(params[i]) for i in live])
+    if pair is None:
+        return
+    i, j = live[pair[0]], live[pair[1]]
+    a, b = params[i], params[j]
+    if array_module(a) is np and not (a.flags.c_contiguous and b.flags.c_contiguous):
+        if not np.shares_memory(a, b):  # interleaved strided views share no element
+            return
+    raise ValueError(
+        f"params[{i}] and params[{j}] overlap in memory (views of one buffer): each parameter "
+        "must own its memory, or the result would depend on the order of the updates"
+    )
 
 
 _VERSION = attrgetter("_version")
@@ -252,6 +316,7 @@ class _Checked:
     formats: list[str]
     module: str  # "numpy" or "cupy"
     live: list[int]  # tensors with at least one element
+    nbytes: list[int]  # bytes of each parameter
     has_momentum: bool  # every live state holds its momentum arrays
 
     def matches(self, params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any]) -> bool:
@@ -305,6 +370,7 @@ def _checked(
     formats = validate_inputs(params, grads, states, dtype)
     module = _module_of(params)
     live = [i for i, p in enumerate(params) if p.size > 0]
+    _check_no_overlap(params, live)
     checked = _Checked(
         token=next(_TOKENS),
         versions=list(map(_VERSION, states)),
@@ -315,6 +381,7 @@ def _checked(
         formats=formats,
         module=module,
         live=live,
+        nbytes=[int(p.nbytes) for p in params],
         has_momentum=all(states[i].has_momentum for i in live),
     )
     if key is not None:
@@ -346,30 +413,23 @@ def _lars_update_many_at(
     that checked the gradients against the params itself (the torch adapter checks
     dtype, shape, device and contiguity), so no array of them need be made.
 
-    Runs only on the CUDA backends and only for params and states that a call of
-    :func:`lars_update_many` validated and that are unchanged since; otherwise it
-    does nothing and returns False: call :func:`lars_update_many` then.
+    Runs only on the backends that take addresses (cpu, cuda, emulated-cuda) and
+    only for params and states that a call of :func:`lars_update_many` validated
+    and that are unchanged since; otherwise it does nothing and returns False:
+    call :func:`lars_update_many` then.
     """
     key = _memo_key(states, dtype)
     known = None if key is None else _CHECKED.get(key)
     if known is None or not known.holds_for(params, states):
         return False
-    backend = _backend_for_module(known.module)
-    if backend.name == "reference":
+    chosen = backends.select(known.module)
+    if not getattr(chosen, "takes_addresses", False):
         return False
-    backend.update_many(params, None, states, cfg, known, grad_addresses=grad_addresses)
+    chosen.update_many(params, None, states, cfg, known, grad_addresses=grad_addresses)
     return True
 
 
 # -- backends ------------------------------------------------------------------------
-
-
-class _ReferenceBackend:
-    name = "reference"
-    reason = "NumPy arrays: the NumPy reference implementation"
-
-
-_REFERENCE = _ReferenceBackend()
 
 
 def _module_of(params: Sequence[Any]) -> str:
@@ -379,39 +439,67 @@ def _module_of(params: Sequence[Any]) -> str:
     return "cupy" if modules == {"cupy"} else "numpy"
 
 
-def _backend_for_module(module: str) -> Any:
-    if module == "cupy":
-        from . import cuda
-
-        return cuda.cupy_backend()
-    from . import testing
-
-    emulated = testing.active_emulation()
-    return _REFERENCE if emulated is None else emulated
-
-
-def backend_for(params: Sequence[Any]) -> Any:
+def backend_for(params: Sequence[Any], backend: str | None = None) -> Backend:
     """The backend an update of ``params`` takes; its ``.reason`` says why."""
-    return _backend_for_module(_module_of(params))
+    arrays = [_as_array(p, f"params[{i}]")[0] for i, p in enumerate(params)]
+    return backends.select(_module_of(arrays), backend)
 
 
-def _reference_update_many(
-    params: Sequence[np.ndarray],
-    grads: Sequence[np.ndarray],
-    states: Sequence[LarsState],
-    cfg: LarsConfig,
-    formats: Sequence[str],
-) -> None:
-    finite = [
-        cfg.nonfinite == "propagate" or reference.grad_is_finite(g, f) for g, f in zip(grads, formats)
-    ]
-    if cfg.nonfinite == "raise" and not all(finite):
-        bad = [i for i, ok in enumerate(finite) if not ok]
-        raise FloatingPointError(f"non-finite gradient in tensor(s) {bad}; nothing was updated")
-    for param, grad, state, fmt, ok in zip(params, grads, states, formats, finite):
-        if param.size == 0:
-            continue
-        if ok:
-            reference.apply_step(param, grad, state, cfg, fmt)
-        else:
-            state.skip_count[...] += 1
+# -- arrays from other frameworks -------------------------------------------------------
+_KDL_CPU, _KDL_CUDA = 1, 2
+_PLAIN = (np.ndarray,)
+
+
+def _plain_arrays(arrays: Sequence[Any]) -> bool:
+    return all(isinstance(a, _PLAIN) or type(a).__module__.startswith("cupy") for a in arrays)
+
+
+def _as_array(x: Any, name: str) -> tuple[Any, str | None]:
+    """``x`` as a NumPy or CuPy array sharing its memory, and the format it declares
+    (``'bfloat16'`` for a torch bfloat16 tensor, else None)."""
+    if isinstance(x, _PLAIN) or type(x).__module__.startswith("cupy"):
+        return x, None
+    if not hasattr(x, "__dlpack__"):
+        raise TypeError(
+            f"{name} is a {type(x).__module__}.{type(x).__name__}; expected an array that speaks DLPack "
+            "(NumPy, CuPy, a torch tensor)"
+        )
+    declared = None
+    if type(x).__module__.split(".")[0] == "torch":
+        torch = sys.modules["torch"]
+        x = x.detach()  # the same memory; DLPack refuses tensors that require grad
+        if x.dtype == torch.bfloat16:
+            x, declared = x.view(torch.int16), "bfloat16"  # NumPy and CuPy have no bfloat16
+    device_type = int(x.__dlpack_device__()[0])
+    if device_type == _KDL_CPU:
+        array = np.from_dlpack(x)
+    elif device_type == _KDL_CUDA:
+        import cupy
+
+        array = cupy.from_dlpack(x)
+    else:
+        raise TypeError(
+            f"{name} lives on DLPack device type {device_type}; cupylars updates host and CUDA arrays"
+        )
+    if declared == "bfloat16":
+        array = array.view(np.uint16)
+    return array, declared
+
+
+def _as_arrays(
+    params: Sequence[Any], grads: Sequence[Any], dtype: str | None
+) -> tuple[list[Any], list[Any], str | None]:
+    """Params and grads as NumPy/CuPy arrays (zero-copy), and the dtype argument they imply."""
+    converted = [_as_array(p, f"params[{i}]") for i, p in enumerate(params)]
+    grad_arrays = [_as_array(g, f"grads[{i}]")[0] for i, g in enumerate(grads)]
+    declared = {d for _, d in converted}
+    if "bfloat16" in declared:
+        if declared != {"bfloat16"}:
+            raise TypeError(
+                "params mix bfloat16 tensors with other dtypes; "
+                "update the bfloat16 ones in a call of their own"
+            )
+        if dtype not in (None, "bfloat16"):
+            raise TypeError(f"dtype={dtype!r} does not match the bfloat16 params")
+        dtype = "bfloat16"
+    return [a for a, _ in converted], grad_arrays, dtype

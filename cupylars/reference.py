@@ -26,6 +26,7 @@ hold them to it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,14 @@ from .config import LarsConfig
 from .formats import from_float32, to_float32
 from .state import HISTORY_SIZE, LarsState
 
-__all__ = ["apply_step", "grad_is_finite", "percentile_factor", "trust_ratio", "unorm_scale"]
+__all__ = [
+    "apply_step",
+    "grad_is_finite",
+    "percentile_factor",
+    "trust_ratio",
+    "unorm_scale",
+    "update_many",
+]
 
 _f32 = np.float32
 
@@ -154,3 +162,28 @@ def apply_step(param: np.ndarray, grad: np.ndarray, state: LarsState, cfg: LarsC
     if m is not None:
         _store_momentum(state, m)
     state.step_count[...] += 1
+
+
+def update_many(
+    params: Sequence[np.ndarray],
+    grads: Sequence[np.ndarray],
+    states: Sequence[LarsState],
+    cfg: LarsConfig,
+    formats: Sequence[str],
+) -> None:
+    """One step over a list of validated tensors, with the non-finite policy.
+
+    ``'raise'`` checks every gradient before any tensor is touched; ``'skip'``
+    leaves a tensor with a non-finite gradient as it was and counts the skip.
+    """
+    finite = [cfg.nonfinite == "propagate" or grad_is_finite(g, f) for g, f in zip(grads, formats)]
+    if cfg.nonfinite == "raise" and not all(finite):
+        bad = [i for i, ok in enumerate(finite) if not ok]
+        raise FloatingPointError(f"non-finite gradient in tensor(s) {bad}; nothing was updated")
+    for param, grad, state, fmt, ok in zip(params, grads, states, formats, finite):
+        if param.size == 0:
+            continue
+        if ok:
+            apply_step(param, grad, state, cfg, fmt)
+        else:
+            state.skip_count[...] += 1

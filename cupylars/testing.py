@@ -1,35 +1,43 @@
-"""Testing helpers: run the CUDA kernels on the CPU.
+"""Testing helpers: choose the backend that updates NumPy arrays.
 
 ``with emulated_cuda(): F.lars_update(...)`` sends NumPy arrays through the CUDA
 backend: the unmodified sources in rawkernels/ compiled with g++ through a shim
 header (:mod:`cupylars._emulator`), launched by the same Python code that
 launches them on a GPU. Everything but the hardware is exercised.
+``native_cpu()`` and ``reference()`` choose the other two host backends.
 """
 
 from __future__ import annotations
 
-import contextvars
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from contextlib import AbstractContextManager
 
-__all__ = ["active_emulation", "emulated_cuda"]
+from . import backends
 
-_ACTIVE: contextvars.ContextVar[Any] = contextvars.ContextVar("cupylars_emulation", default=None)
+__all__ = ["active_emulation", "emulated_cuda", "native_cpu", "reference"]
 
 
-@contextmanager
-def emulated_cuda() -> Iterator[Any]:
+def emulated_cuda() -> AbstractContextManager[backends.Backend]:
     """Within this block, NumPy arrays are updated by the CUDA kernels run on the CPU."""
     from . import cuda
 
-    token = _ACTIVE.set(cuda.emulated_backend())
-    try:
-        yield _ACTIVE.get()
-    finally:
-        _ACTIVE.reset(token)
+    return backends.use(cuda.emulated_backend())
 
 
-def active_emulation() -> Any:
+def native_cpu() -> AbstractContextManager[backends.Backend]:
+    """Within this block, NumPy arrays are updated by the native CPU backend (it must build)."""
+    from . import cpu
+
+    return backends.use(cpu.cpu_backend())
+
+
+def reference() -> AbstractContextManager[backends.Backend]:
+    """Within this block, NumPy arrays are updated by the NumPy reference."""
+    return backends.use(backends.select("numpy", "reference"))
+
+
+def active_emulation() -> backends.Backend | None:
     """The emulated CUDA backend when inside :func:`emulated_cuda`, else None."""
-    return _ACTIVE.get()
+    chosen = backends.forced()
+    return chosen if chosen is not None and chosen.name == "emulated-cuda" else None
+
+

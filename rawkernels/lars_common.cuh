@@ -8,6 +8,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "lars_math.h"
+
 namespace lars {
 
 // ---- launch geometry ---------------------------------------------------------------
@@ -18,10 +20,7 @@ enum Geometry : int {
   kThreads = 256,               // threads of a stats / update block
   kWarps = kThreads / 32,       // warps of a stats / update block
   kTile = 256,                  // elements a warp handles per iteration
-  kQBlock = 256,                // elements per 8-bit absmax block (== kTile)
   kFinalizeThreads = 128,       // threads of a finalize block (>= kHistory)
-  kHistory = 100,               // percentile-clipping history length
-  kSums = 6,                    // dot products gathered per block
   // Occupancy floors for __launch_bounds__: 4 blocks cap the update pass at 64
   // registers a thread; the stats pass (six float64 accumulators) gets 80. Either
   // keeps far more than the ~20 KB per SM of loads in flight that saturate HBM.
@@ -32,56 +31,6 @@ enum Geometry : int {
 static_assert(kTile == kQBlock, "a warp tile must be exactly one quantization block");
 static_assert(kTile == 32 * 8, "each lane owns two quads (8 elements) of a tile");
 static_assert(kFinalizeThreads >= kHistory, "one finalize thread per history entry");
-
-// Storage formats of params/grads (cupylars.formats.FORMATS order).
-enum Format : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
-// How the momentum state is stored (or that the pass does not touch it).
-enum StateMode : int { kNoState = 0, kState32 = 1, kState8 = 2 };
-
-// Indices into the per-block partial sums (and the finalize totals).
-enum Sum : int { kGG = 0, kPP = 1, kMM = 2, kGP = 3, kGM = 4, kPM = 5 };
-
-// ---- metadata ----------------------------------------------------------------------
-// Tensor table: one row of kTensorFields int64 per (non-empty) tensor.
-enum TensorField : int {
-  kFieldParam = 0,    // address of p (storage format)
-  kFieldGrad = 1,     // address of g (storage format)
-  kFieldState = 2,    // address of m (float32) or of the 8-bit codes; 0 = none yet
-  kFieldAbsmax = 3,   // address of the absmax array (8-bit state), else 0
-  kFieldStep = 4,     // address of step_count (int64)
-  kFieldSkip = 5,     // address of skip_count (int64)
-  kFieldHistory = 6,  // address of history (float32[100])
-  kFieldSize = 7,     // number of elements n
-  kFieldFirstBlock = 8,  // index of the tensor's first block in the block table
-  kFieldNumBlocks = 9,   // number of blocks (chunks) of the tensor
-  kFieldVector = 10,     // 1 when p, g and m allow 16-byte (quad) accesses
-  kTensorFields = 12,    // row stride (two spare fields keep rows 32-byte aligned)
-};
-
-// Block table: one int64 per block, (tensor row << 32) | chunk index.
-__device__ __forceinline__ int block_tensor(long long entry) { return static_cast<int>(entry >> 32); }
-__device__ __forceinline__ long long block_chunk(long long entry) { return entry & 0xffffffffLL; }
-
-// Per-tensor result of the finalize pass, read by the update pass.
-enum CoefFlag : int { kCoefSkip = 1, kCoefFirst = 2 };
-struct TensorCoef {
-  float gamma;  // percentile clipping factor (float32, as applied)
-  float r;      // trust ratio (float32, as applied)
-  float lrs;    // lr * s, the update-norm clipped step size
-  int flags;    // CoefFlag bits
-};
-
-// Bits of the finalize pass's `switches` argument.
-enum Switch : int {
-  kSwitchPercentile = 1,
-  kSwitchTrust = 2,
-  kSwitchTrustClip = 4,
-  kSwitchMomentum = 8,
-  kSwitchNesterov = 16,
-  kSwitchUnorm = 32,
-};
-// Non-finite policies (cupylars.config.NONFINITE_POLICIES order).
-enum Policy : int { kPolicySkip = 0, kPolicyRaise = 1, kPolicyPropagate = 2 };
 
 template <typename T>
 __device__ __forceinline__ T* address(const long long* row, int field) {
@@ -108,9 +57,8 @@ __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-// float32 -> storage format, round to nearest even. bfloat16 is rounded with
-// integer arithmetic exactly as cupylars.formats.from_float32 does (a NaN keeps
-// its sign and top payload bits, made quiet), so both backends store the same bits.
+// float32 -> storage format, round to nearest even (bfloat16 through the
+// shared integer rounding of lars_math.h, so every backend stores the same bits).
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
 template <>
@@ -123,11 +71,8 @@ __device__ __forceinline__ __half from_float<__half>(float x) {
 }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  const unsigned int bits = __float_as_uint(x);
-  const unsigned int rounded =
-      (x != x) ? ((bits >> 16) | 0x0040u) : ((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
   __nv_bfloat16_raw raw;
-  raw.x = static_cast<unsigned short>(rounded);
+  raw.x = bf16_bits(x);
   return __nv_bfloat16(raw);
 }
 
@@ -210,13 +155,6 @@ __device__ __forceinline__ double warp_sum(double v) {
   return v;
 }
 
-// max that propagates NaN, like numpy's max (fmaxf would drop it).
-__device__ __forceinline__ float nan_max(float a, float b) {
-  if (a != a) return a;
-  if (b != b) return b;
-  return b > a ? b : a;
-}
-
 __device__ __forceinline__ float warp_nan_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -280,9 +218,7 @@ __device__ __forceinline__ unsigned char nearest_code(const CodeBook& cb, float 
 #pragma unroll
   for (int level = 0; level < 8; ++level) node = 2 * node + (x >= cb.tree[node] ? 1 : 0);
   const int lo = node - 256;  // count of book[1..255] <= x, i.e. the largest index with book[lo] <= x
-  const float below = x - cb.book[lo];
-  const float above = cb.book[lo + 1] - x;
-  return static_cast<unsigned char>(below <= above ? lo : lo + 1);
+  return code_between(cb.book, lo, x);
 }
 
 // Quantizes the 256 values of one block, spread as 8 per lane over a warp.

@@ -179,17 +179,8 @@ __device__ __forceinline__ void update_body(const long long* __restrict__ tensor
       }
     }
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      float d = fmaf(cf.gamma, gv[k], lam * pv[k]);  // 2. gamma g + lam p
-      d = cf.r * d;                                  // 3. trust ratio
-      float u = d;
-      if (M != kNoState) {                           // 4. momentum
-        const float m = first ? d : fmaf(mu, mv[k], damp_keep * d);
-        mv[k] = m;
-        u = nesterov ? fmaf(mu, m, d) : m;
-      }
-      pv[k] = fmaf(-cf.lrs, u, pv[k]);  // 6. p - lr s u (s from the finalize pass)
-    }
+    for (int k = 0; k < 8; ++k)
+      pv[k] = step_element<M != kNoState>(cf, lam, mu, damp_keep, nesterov, first, pv[k], gv[k], mv[k]);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const long long e = tile + h * (kTile / 2) + 4 * lane;
@@ -214,14 +205,6 @@ __device__ __forceinline__ void update_body(const long long* __restrict__ tensor
 }
 
 // ---- pass 2: per-tensor finalize ------------------------------------------------------------
-// NaN sorts last, as in numpy.sort; equal values keep their index order, so
-// every entry of the history has a distinct rank.
-__device__ __forceinline__ bool sorts_before(float a, int ia, float b, int ib) {
-  const bool a_nan = a != a, b_nan = b != b;
-  if (a_nan || b_nan) return (!a_nan) || (a_nan && b_nan && ia < ib);
-  return a < b || (a == b && ia < ib);
-}
-
 __device__ __forceinline__ void finalize_body(const long long* __restrict__ tensors,
                                               const double* __restrict__ partials, TensorCoef* __restrict__ coefs,
                                               double lr, double momentum, double dampening, double weight_decay,
@@ -294,77 +277,12 @@ __device__ __forceinline__ void finalize_body(const long long* __restrict__ tens
       if (rank == percentile) clip_sq = h;
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-      const double current = sqrt(static_cast<double>(hist[slot]));
-      const double clip = sqrt(static_cast<double>(clip_sq));
-      gamma = current > clip ? clip / current : 1.0;
-    }
+    if (threadIdx.x == 0) gamma = percentile_gamma(hist[slot], clip_sq);
   }
   if (threadIdx.x != 0) return;
 
-  const double p_norm = sqrt(totals[kPP]);
-  const float gamma_f = static_cast<float>(gamma);
-  const float lam_f = static_cast<float>(weight_decay);
-
-  // 3. trust ratio, in float64 with the unrounded gamma as the reference does.
-  double r = 1.0;
-  if (switches & kSwitchTrust) {
-    if (p_norm > 0.0 && g_norm > 0.0)
-      r = trust_coefficient * p_norm / (gamma * g_norm + weight_decay * p_norm + eps);
-    if (switches & kSwitchTrustClip) {
-      if (lr > 0.0) {
-        const double q = r / lr;
-        r = (1.0 < q) ? 1.0 : q;  // Python's min(q, 1.0): a NaN q stays NaN
-      } else {
-        r = 1.0;
-      }
-    }
-  }
-  const float r_f = static_cast<float>(r);
-
-  // 5. ||u|| from dot products: u = alpha g + beta p + kappa m_old, with
-  // d = a g + b p the float32 factors as the update pass applies them.
-  const double a = static_cast<double>(r_f) * gamma_f;
-  const double bp = static_cast<double>(r_f) * lam_f;
-  double alpha = a, beta = bp, kappa = 0.0;
-  const bool first = t == 1;
-  if (switches & kSwitchMomentum) {
-    const double mu = static_cast<float>(momentum);
-    const double keep = static_cast<float>(1.0 - dampening);
-    const bool nesterov = (switches & kSwitchNesterov) != 0;
-    double scale_d, scale_m;
-    if (first) {  // m = d
-      scale_d = nesterov ? 1.0 + mu : 1.0;
-      scale_m = 0.0;
-    } else {  // m = mu m_old + keep d
-      scale_d = nesterov ? 1.0 + mu * keep : keep;
-      scale_m = nesterov ? mu * mu : mu;
-    }
-    alpha = scale_d * a;
-    beta = scale_d * bp;
-    kappa = scale_m;
-  }
-  double s = 1.0;
-  if (switches & kSwitchUnorm) {
-    // Terms with a zero weight are left out, so a value that u does not
-    // contain (m at t == 1, p without decay) cannot turn the sum into NaN.
-    double uu = 0.0;
-    if (alpha != 0.0) uu += alpha * alpha * totals[kGG];
-    if (beta != 0.0) uu += beta * beta * totals[kPP];
-    if (kappa != 0.0) uu += kappa * kappa * totals[kMM];
-    if (alpha != 0.0 && beta != 0.0) uu += 2.0 * alpha * beta * totals[kGP];
-    if (alpha != 0.0 && kappa != 0.0) uu += 2.0 * alpha * kappa * totals[kGM];
-    if (beta != 0.0 && kappa != 0.0) uu += 2.0 * beta * kappa * totals[kPM];
-    const double u_norm = sqrt(uu < 0.0 ? 0.0 : uu);  // rounding can dip below 0; NaN stays NaN
-    if (p_norm > 0.0 && u_norm > max_unorm * p_norm) s = max_unorm * p_norm / u_norm;
-  }
-
-  TensorCoef cf;
-  cf.gamma = gamma_f;
-  cf.r = r_f;
-  cf.lrs = static_cast<float>(lr * s);
-  cf.flags = first ? kCoefFirst : 0;
-  coefs[ti] = cf;
+  const StepConfig config = {lr, momentum, dampening, weight_decay, trust_coefficient, eps, max_unorm, switches};
+  coefs[ti] = step_coef(totals, t, gamma, config);
   *step_count = t;
 }
 

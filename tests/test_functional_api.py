@@ -308,9 +308,22 @@ def test_from_dict_rejects_inconsistent_arrays():
         F.LarsState.from_dict({k: v for k, v in d.items() if k != "history"})
 
 
-def test_backend_for_numpy_says_reference():
-    backend = F.backend_for([np.ones(3, np.float32)])
-    assert backend.name == "reference" and "NumPy" in backend.reason
+def test_backend_for_numpy_says_which_and_why(monkeypatch):
+    monkeypatch.delenv("CUPYLARS_BACKEND", raising=False)
+    params = [np.ones(3, np.float32)]
+    native = F.backend_for(params)
+    assert native.name == "cpu" and "native CPU backend" in native.reason
+    asked = F.backend_for(params, backend="reference")
+    assert asked.name == "reference" and "asked for" in asked.reason
+    monkeypatch.setenv("CUPYLARS_BACKEND", "reference")
+    assert F.backend_for(params).name == "reference"
+    monkeypatch.setenv("CUPYLARS_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="CUPYLARS_BACKEND must be one of"):
+        F.backend_for(params)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        F.backend_for(params, backend="gpu")
+    with pytest.raises(ValueError, match="CuPy arrays"):
+        F.backend_for(params, backend="cuda")
 
 
 def test_importing_cupylars_imports_neither_torch_nor_cupy():

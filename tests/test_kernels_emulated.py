@@ -30,7 +30,7 @@ from lars_cases import (
     values_of,
 )
 
-from cupylars import cuda, reference
+from cupylars import cuda, plan, reference
 from cupylars import functional as F
 from cupylars.testing import emulated_cuda
 
@@ -76,7 +76,7 @@ CONFIGS = {
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(cuda, "CHUNK_SIZE", SMALL_CHUNK)
+    monkeypatch.setattr(plan, "CHUNK_SIZE", SMALL_CHUNK)
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -249,14 +249,14 @@ def test_random_hyperparameters(hp, fmt, bits, sizes, seed):
     rng = np.random.default_rng(seed)
     params, states = _make(rng, [(n,) for n in sizes], fmt, bits, min_8bit_size=512)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cuda, "CHUNK_SIZE", 768)
+        mp.setattr(plan, "CHUNK_SIZE", 768)
         for t in range(3):
             step_and_compare(params, _grads(rng, params, fmt), states, hp, dtype_arg(fmt), f"step {t}")
 
 
 def test_default_chunking_of_a_large_tensor():
     rng = np.random.default_rng(14)
-    n = 2 * cuda.CHUNK_SIZE + 1000  # three chunks of the default size, the last one short
+    n = 2 * plan.CHUNK_SIZE + 1000  # three chunks of the default size, the last one short
     params, states = _make(rng, [(n,), (5,)], "float16", 8, min_8bit_size=4096)
     for t in range(3):
         step_and_compare(params, _grads(rng, params, "float16"), states, FULL, None, f"step {t}")
@@ -505,9 +505,9 @@ def test_gradients_moving_between_aligned_and_unaligned_memory():
     unaligned = [b[1:] for b in bases]  # 4 bytes past a 16-byte boundary
     for t, grads in enumerate([aligned, unaligned, aligned, unaligned]):
         step_and_compare(params, grads, states, FULL, None, f"step {t}")
-        plan = next(reversed(cuda.emulated_backend()._plans.values()))
+        newest = next(reversed(cuda.emulated_backend()._plans.values()))
         want = int(grads is aligned)
-        assert plan.host_tensors[:, cuda.FIELD_VECTOR].tolist() == [want] * len(params)
+        assert newest.host_tensors[:, plan.FIELD_VECTOR].tolist() == [want] * len(params)
 
 
 def test_replaced_state_arrays_and_params_are_updated(small_chunks):
@@ -550,7 +550,7 @@ def test_bad_input_after_steady_state_steps_still_raises_and_touches_nothing():
     cases = [
         ("grads[1] has shape", lambda: (params, [grads[0], grads[1][:-1]], states)),
         ("grads[0] is float16", lambda: (params, [grads[0].astype(np.float16), grads[1]], states)),
-        ("grads[1] is a list", lambda: (params, [grads[0], list(grads[1])], states)),
+        ("grads[1] is a builtins.list", lambda: (params, [grads[0], list(grads[1])], states)),
         ("grads[1] is not C-contiguous", lambda: (params, [grads[0], np.repeat(grads[1], 2)[::2]], states)),
         ("params[0] is read-only", lambda: ([read_only(params[0]), params[1]], grads, states)),
         ("states[0] is a dict", lambda: (params, grads, [states[0].to_dict(), states[1]])),

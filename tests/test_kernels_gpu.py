@@ -14,7 +14,7 @@ import pytest
 from lars_cases import dtype_arg, random_grad, random_problem
 from test_kernels_emulated import CONFIGS, FULL, _assert_param_close, _assert_state_close
 
-from cupylars import cuda
+from cupylars import cuda, plan
 from cupylars import functional as F
 from cupylars.state import LarsState
 
@@ -86,7 +86,7 @@ def test_matches_the_reference_on_every_shape(fmt, bits):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_every_switch(name, monkeypatch):
-    monkeypatch.setattr(cuda, "CHUNK_SIZE", 1024)
+    monkeypatch.setattr(plan, "CHUNK_SIZE", 1024)
     rng, params, states = _problem(len(name), [(1,), (300,), (5000,), (33, 65)], "float32", 8, 1000)
     for t in range(4):
         grads = [random_grad(rng, p.shape, "float32") for p in params]

@@ -19,6 +19,14 @@ from lars_cases import (
 
 from cupylars import functional as F
 from cupylars.quantization import BLOCK_SIZE
+from cupylars.testing import reference
+
+
+@pytest.fixture(autouse=True)
+def _the_reference():
+    """Every update here runs the NumPy reference (the specification), whatever the default."""
+    with reference():
+        yield
 
 
 def _reference_update(hp, fmt):

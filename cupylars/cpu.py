@@ -1,0 +1,231 @@
+"""The native CPU backend: the fused LARS step on NumPy arrays (rawkernels/cpu/lars_cpu.cpp).
+
+One call of :meth:`CpuBackend.update_many` is one call into the native library
+for the whole list of tensors: a stats phase, a per-tensor finalize and an
+update phase over fixed chunks, spread over the threads that torch (when it is
+imported) or ``OMP_NUM_THREADS`` asks for. The math is the CUDA kernels' own
+(``rawkernels/lars_math.h``), and the tables are the CUDA launcher's
+(:mod:`cupylars.plan`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import native, quantization
+from . import plan as tables
+from .config import NONFINITE_POLICIES, LarsConfig
+from .state import LarsState
+
+__all__ = ["CpuBackend", "array_address", "num_threads"]
+
+_CODE_MAP = quantization.dynamic_map()
+
+
+def array_address(a: np.ndarray) -> int:
+    """The address of a NumPy array's first element."""
+    # A ctypes view of the buffer gives the address without building the dict of
+    # __array_interface__ (about 3x faster); it needs a writable, contiguous buffer of
+    # at least one byte, so read-only arrays take the slow way.
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(a))
+    except (TypeError, ValueError, BufferError):
+        return int(a.__array_interface__["data"][0])
+
+
+def num_threads() -> int:
+    """Threads for a step: torch's setting when torch is imported, else ``OMP_NUM_THREADS``,
+    else the CPUs this process may run on."""
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "get_num_threads"):
+        return max(1, int(torch.get_num_threads()))
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(eq=False)
+class _Plan:
+    param_addresses: list[int]
+    host: tables.Tables
+    grad_addresses: list[int]
+    tensors_ptr: int
+    blocks_ptr: int
+
+
+class CpuBackend:
+    """Runs :func:`cupylars.functional.lars_update_many` through the native library."""
+
+    name = "cpu"
+    takes_addresses = True  # update_many accepts grad_addresses for grads
+    _PLAN_CACHE_SIZE = 16
+
+    def __init__(self, lib: Any, reason: str) -> None:
+        self._step = lib.lars_cpu_step
+        self.reason = reason
+        self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<cupylars backend 'cpu': {self.reason}>"
+
+    def update_many(
+        self,
+        params: Sequence[np.ndarray],
+        grads: Sequence[np.ndarray] | None,
+        states: Sequence[LarsState],
+        cfg: LarsConfig,
+        checked: Any,
+        grad_addresses: Sequence[int] | None = None,
+    ) -> None:
+        """One LARS step over validated tensors (see functional.lars_update_many)."""
+        live = checked.live
+        if not live:
+            return
+        for i, st in enumerate(states):
+            for name, a in st.arrays().items():
+                if not (a.flags.c_contiguous and a.flags.writeable):
+                    raise ValueError(f"states[{i}].{name} must be a writeable, C-contiguous array")
+        # Strided parameters are stepped in a contiguous copy and written back; strided
+        # gradients are read through a contiguous copy.
+        staged = [(i, params[i]) for i in live if not params[i].flags.c_contiguous]
+        if staged:
+            params = list(params)
+            for i, original in staged:
+                params[i] = np.ascontiguousarray(original)
+        if grads is not None and not all(grads[i].flags.c_contiguous for i in live):
+            grads = [g if g.flags.c_contiguous else np.ascontiguousarray(g) for g in grads]
+
+        uses_m = cfg.uses_momentum
+        stats_m = uses_m and cfg.clips_update_norm
+        need_p = cfg.uses_trust_ratio or cfg.clips_update_norm
+        allocated = []
+        if uses_m and not checked.has_momentum:
+            allocated = [i for i in live if not states[i].has_momentum]
+            for i in allocated:
+                states[i].ensure_momentum(np)
+            checked.renew(states)
+        chunk = tables.check_chunk(tables.CHUNK_SIZE)
+        with self._lock:
+            plan = self._plan(checked, params, grads, grad_addresses, states, chunk, uses_m, stats_m)
+        host = plan.host
+        partials = np.empty(host.num_blocks * tables.SUMS, dtype=np.float64)
+        coefs = np.empty(host.num_tensors * tables.COEF_WORDS, dtype=np.int32)
+        status = self._step(
+            plan.tensors_ptr,
+            host.num_tensors,
+            plan.blocks_ptr,
+            host.num_blocks,
+            chunk,
+            partials.ctypes.data,
+            coefs.ctypes.data,
+            _CODE_MAP.ctypes.data,
+            cfg.lr,
+            cfg.momentum,
+            cfg.dampening,
+            cfg.weight_decay,
+            cfg.trust_coefficient,
+            cfg.eps,
+            cfg.max_unorm,
+            cfg.percentile_clipping,
+            tables.switches(cfg),
+            NONFINITE_POLICIES.index(cfg.nonfinite),
+            int(need_p),
+            int(stats_m),
+            num_threads(),
+        )
+        if status != 0:
+            for i in allocated:  # as they were: no momentum yet
+                states[i].momentum = states[i].codes = states[i].absmax = None
+            gg = partials.reshape(-1, tables.SUMS)[:, 0]
+            bad = sorted({int(i) for i in host.block_owner[~np.isfinite(gg)]})
+            raise FloatingPointError(f"non-finite gradient in tensor(s) {bad}; nothing was updated")
+        for i, original in staged:
+            original[...] = params[i]
+
+    def _plan(
+        self,
+        checked: Any,
+        params: Sequence[np.ndarray],
+        grads: Sequence[np.ndarray] | None,
+        grad_addresses: Sequence[int] | None,
+        states: Sequence[LarsState],
+        chunk: int,
+        uses_m: bool,
+        stats_m: bool,
+    ) -> _Plan:
+        live = checked.live
+        param_addresses = [array_address(params[i]) for i in live]
+        key = (chunk, uses_m, stats_m, checked.token)
+        plan = self._plans.get(key)
+        if plan is None or plan.param_addresses != param_addresses:
+            from .cuda import check_no_overlap
+
+            check_no_overlap(live, param_addresses, [params[i].nbytes for i in live])
+            if grads is not None:
+                rows = [array_address(grads[i]) for i in live]
+            else:
+                rows = [grad_addresses[i] for i in live]
+            host = tables.build_tables(
+                checked.formats,
+                [d.itemsize for d in checked.dtypes],
+                live,
+                param_addresses,
+                rows,
+                states,
+                array_address,
+                chunk,
+                uses_m,
+                stats_m,
+            )
+            plan = _Plan(
+                param_addresses=param_addresses,
+                host=host,
+                grad_addresses=host.grad_addresses(),
+                tensors_ptr=host.table.ctypes.data,
+                blocks_ptr=host.table.ctypes.data + host.num_tensors * tables.TENSOR_FIELDS * 8,
+            )
+            self._plans[key] = plan
+            if len(self._plans) > self._PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
+        self._plans.move_to_end(key)
+        if grads is not None:
+            rows = [array_address(grads[i]) for i in plan.host.order]
+        else:
+            rows = [grad_addresses[i] for i in plan.host.order]
+        if rows != plan.grad_addresses:
+            plan.host.set_grads(rows)
+            plan.grad_addresses = rows
+        return plan
+
+
+_BACKEND: CpuBackend | None = None
+_BACKEND_LOCK = threading.Lock()
+
+
+def cpu_backend() -> CpuBackend:
+    """The process's CPU backend; raises :class:`cupylars.native.NativeUnavailableError`."""
+    global _BACKEND
+    if _BACKEND is None:
+        with _BACKEND_LOCK:
+            if _BACKEND is None:
+                lib = native.library()
+                _BACKEND = CpuBackend(
+                    lib,
+                    reason=f"NumPy arrays: the native CPU backend ({native.library_path()}), compiled from "
+                    "rawkernels/cpu/lars_cpu.cpp and the CUDA kernels' math (rawkernels/lars_math.h)",
+                )
+    return _BACKEND

@@ -1,0 +1,151 @@
+"""The native CPU library: ``rawkernels/cpu/lars_cpu.cpp`` compiled at first use.
+
+The library is built with the system C++ compiler, optimised and vectorised
+for the host (``-O3 -march=native``), once per (sources, compiler, flags, CPU):
+the build is cached on disk like CuPy's kernel cache, so a second process or
+run loads it without compiling. Folders and files are checked before loading
+(:mod:`cupylars._cache`).
+
+Environment: ``CUPYLARS_CXX`` (the compiler; default ``c++``, else ``g++``),
+``CUPYLARS_CXXFLAGS`` (extra flags), ``CUPYLARS_CACHE_DIR`` (the cache; the
+library goes to its ``cpu/`` folder).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+from . import _cache
+from ._paths import kernel_dir
+
+__all__ = ["NativeUnavailableError", "library", "library_path"]
+
+#: Must equal lars_cpu_abi_version() in rawkernels/cpu/lars_cpu.cpp.
+ABI_VERSION = 1
+SOURCE = Path("cpu") / "lars_cpu.cpp"
+HEADERS = ("lars_math.h",)
+FLAGS = (
+    "-O3",
+    "-march=native",
+    "-std=c++17",
+    "-fPIC",
+    "-shared",
+    "-pthread",
+    # The same float operations as the CUDA kernels: only the fused multiply-adds
+    # written out in lars_math.h, no others; IEEE division and square roots.
+    "-ffp-contract=off",
+    "-fno-math-errno",
+    "-fvisibility=hidden",
+)
+
+
+class NativeUnavailableError(RuntimeError):
+    """The native library cannot be built or loaded here (the message says why)."""
+
+
+_lock = threading.Lock()
+_loaded: ctypes.CDLL | None = None
+_loaded_path: Path | None = None
+_failure: NativeUnavailableError | None = None
+
+
+def _compiler() -> str:
+    chosen = os.environ.get("CUPYLARS_CXX")
+    if chosen:
+        return chosen
+    for name in ("c++", "g++", "clang++"):
+        if shutil.which(name):
+            return name
+    raise NativeUnavailableError("no C++ compiler found (looked for c++, g++ and clang++ on PATH)")
+
+
+def _compiler_id(cxx: str) -> str:
+    try:
+        banner = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+        machine = subprocess.run([cxx, "-dumpmachine"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise NativeUnavailableError(f"cannot run the C++ compiler {cxx!r}: {exc}") from exc
+    return banner.strip().splitlines()[0] + "|" + machine.strip()
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the processor's model and feature flags."""
+    lines = [platform.machine()]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            seen: set[str] = set()
+            for line in handle:
+                key = line.split(":", 1)[0].strip()
+                wanted = key in ("model name", "flags", "Features", "CPU implementer", "CPU part")
+                if wanted and key not in seen:
+                    seen.add(key)
+                    lines.append(line.strip())
+    except OSError:
+        lines.append(platform.processor())
+    return "\n".join(lines)
+
+
+def _build() -> tuple[ctypes.CDLL, Path]:
+    cxx = _compiler()
+    root = kernel_dir()
+    flags = [*FLAGS, *shlex.split(os.environ.get("CUPYLARS_CXXFLAGS", "")), "-I", str(root)]
+    source_path = root / SOURCE
+    digest = hashlib.sha256()
+    for part in (str(ABI_VERSION), _compiler_id(cxx), " ".join(flags), _cpu_id()):
+        digest.update(part.encode() + b"\0")
+    for path in (source_path, *(root / h for h in HEADERS)):
+        digest.update(path.read_bytes() + b"\0")
+    key = digest.hexdigest()[:32]
+
+    folder = _cache.private_folder(_cache.cache_root("cpu"))
+    target = folder / f"lars_cpu-{key}.so"
+    if not (target.exists() and _cache.trusted(target)):
+        unit = f'#include "{source_path}"\n'
+        output = _cache.compile_library([cxx, *flags], unit, folder, target)
+        if output is not None:
+            raise NativeUnavailableError(f"{cxx} failed to build {source_path}:\n{output}")
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as exc:
+        raise NativeUnavailableError(f"cannot load {target}: {exc}") from exc
+    if lib.lars_cpu_abi_version() != ABI_VERSION:
+        raise NativeUnavailableError(f"{target} was built for another interface version")
+    c_ptr, c_int, c_ll, c_double = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_double
+    lib.lars_cpu_step.restype = c_int
+    lib.lars_cpu_step.argtypes = [
+        c_ptr, c_int, c_ptr, c_ll, c_ll, c_ptr, c_ptr, c_ptr,  # tables, scratch, code map
+        *[c_double] * 7,  # lr, momentum, dampening, weight_decay, trust_coefficient, eps, max_unorm
+        *[c_int] * 6,  # percentile, switches, policy, need_p, stats_m, threads
+    ]
+    return lib, target
+
+
+def library() -> ctypes.CDLL:
+    """The loaded library (built at first use); raises :class:`NativeUnavailableError`."""
+    global _loaded, _loaded_path, _failure
+    if _loaded is not None:
+        return _loaded
+    with _lock:
+        if _loaded is None:
+            if _failure is not None:
+                raise _failure
+            try:
+                _loaded, _loaded_path = _build()
+            except (NativeUnavailableError, OSError) as exc:
+                failure = exc if isinstance(exc, NativeUnavailableError) else NativeUnavailableError(str(exc))
+                _failure = failure
+                raise failure from None
+    return _loaded
+
+
+def library_path() -> Path | None:
+    """Where the loaded library came from (None before it is loaded)."""
+    return _loaded_path

@@ -1,0 +1,488 @@
+// The native CPU backend: the LARS step of lars_kernels.cu for the host.
+//
+// The per-element update, the rounding rules and the per-tensor coefficients
+// come from lars_math.h, the header the CUDA kernels use; this file only walks
+// the memory. cupylars/native.py compiles it with the system C++ compiler for
+// the host's instruction set and calls lars_cpu_step through ctypes, with the
+// same tensor and block tables the CUDA launcher builds (cupylars/plan.py).
+//
+// One step over a list of tensors is three phases, as on the GPU:
+//   stats     each chunk's float64 dot products g.g, p.p, m.m, g.p, g.m, p.m
+//             (reads p, g, m: 12 B per element with float32 state);
+//   finalize  per tensor: the partials summed in chunk order, the non-finite
+//             policy, the percentile history, gamma, r, ||u||, s, the counter;
+//   update    p and m rewritten (reads p, g, m, writes p, m: 20 B per element).
+// 32 B per element in all: the norms must cover the whole tensor before any
+// element changes, so p, g and m are read twice.
+//
+// Determinism: chunks are fixed (a multiple of the 256-element 8-bit block),
+// each chunk is summed by one thread in a fixed lane order and the chunks of a
+// tensor are summed in their order, so the result does not depend on how many
+// threads run or which thread takes which chunk.
+//
+// Threads: a small pool of std::threads that sleep on a condition variable
+// between phases (no spinning while the caller's framework works); the calling
+// thread takes part. Calls from several Python threads are serialised by the
+// pool; each call brings its own scratch (partials, coefficients).
+#define LARS_HOST_ONLY
+#include "../lars_math.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if !defined(__FLT16_MAX__)
+#error "the native CPU backend needs the compiler's _Float16 type (GCC >= 12 or Clang >= 15 on x86-64 or AArch64)"
+#endif
+
+#define LARS_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace lars_cpu {
+using namespace lars;
+
+// ---- storage formats ------------------------------------------------------------------
+// _Float16 conversions are IEEE round to nearest even (one F16C instruction for
+// 8 elements where the host has it); bfloat16 uses the shared integer rounding.
+template <int F>
+struct Elem;
+template <>
+struct Elem<kF32> {
+  using T = float;
+  static float load(T x) { return x; }
+  static T store(float v) { return v; }
+};
+template <>
+struct Elem<kF16> {
+  using T = _Float16;
+  static float load(T x) { return static_cast<float>(x); }
+  static T store(float v) { return static_cast<_Float16>(v); }
+};
+template <>
+struct Elem<kBF16> {
+  using T = unsigned short;
+  static float load(T x) { return bf16_to_float(x); }
+  static T store(float v) { return bf16_bits(v); }
+};
+
+template <typename T>
+inline T* address(const long long* row, int field) {
+  return reinterpret_cast<T*>(static_cast<uintptr_t>(row[field]));
+}
+
+// ---- the 8-bit code book ---------------------------------------------------------------
+// The shared rounding rule (code_between) makes the code a non-decreasing step
+// function of x: code(x) is the number of thresholds T[i] below x, T[i] being
+// the largest float whose code is i. The thresholds are found once, from the
+// rule itself, by bisection over the floats of each bracket. The top 16 bits
+// of a float32 (sign, exponent, 7 mantissa bits) order the floats of one sign,
+// so a table keyed by them gives the code of the key's smallest value, and at
+// most `extra` thresholds lie inside one key's range: that many compares reach
+// the exact code. The codes are those of the reference and of the GPU's tree
+// search, in two loads and a compare per element.
+struct CodeIndex {
+  float book[256];
+  float threshold[256];    // threshold[i]: the largest x with code i (threshold[255] = +inf)
+  unsigned char base[65536];
+  int extra;
+};
+
+inline int code_by_search(const float* book, float x) {  // the rule, by brute force
+  if (x != x || x >= book[255]) return 255;
+  if (x < book[0]) return 0;
+  int lo = 0;
+  for (int i = 1; i < 255; ++i)
+    if (book[i] <= x) lo = i;
+  return code_between(book, lo, x);
+}
+
+// Floats in value order as integers (so that bisection over the integers walks the floats).
+inline int ordered(float x) {
+  const int i = static_cast<int>(float_bits(x));
+  return i >= 0 ? i : static_cast<int>(0x80000000u - static_cast<unsigned>(i));
+}
+inline float from_ordered(int i) {
+  return bits_float(i >= 0 ? static_cast<unsigned>(i) : 0x80000000u - static_cast<unsigned>(i));
+}
+
+void build_index(CodeIndex& ix, const float* map) {
+  std::memcpy(ix.book, map, sizeof ix.book);
+  for (int i = 0; i < 255; ++i) {  // code(book[i]) == i and code(book[i+1]) == i + 1
+    int lo = ordered(map[i]), hi = ordered(map[i + 1]);
+    while (hi - lo > 1) {
+      const int mid = lo + (hi - lo) / 2;
+      (code_by_search(ix.book, from_ordered(mid)) <= i ? lo : hi) = mid;
+    }
+    ix.threshold[i] = from_ordered(lo);
+  }
+  ix.threshold[255] = bits_float(0x7f800000u);  // +inf: nothing lies above code 255
+  ix.extra = 0;
+  for (unsigned key = 0; key < 65536; ++key) {
+    // The key's floats run from `a` to `b` by value (negative keys count down).
+    const bool negative = key & 0x8000u;
+    const float first = bits_float(key << 16), last = bits_float((key << 16) | 0xffffu);
+    const float a = negative ? last : first, b = negative ? first : last;
+    if (a != a || b != b) {  // NaN keys never reach the table
+      ix.base[key] = 255;
+      continue;
+    }
+    const int code_a = code_by_search(ix.book, a), code_b = code_by_search(ix.book, b);
+    ix.base[key] = static_cast<unsigned char>(code_a);
+    ix.extra = std::max(ix.extra, code_b - code_a);
+  }
+}
+
+inline unsigned char nearest_code(const CodeIndex& ix, float x) {
+  if (x != x) return 255;  // NaN sorts after every value (numpy's searchsorted)
+  int code = ix.base[float_bits(x) >> 16];
+  code += x > ix.threshold[code] ? 1 : 0;
+  for (int k = 1; k < ix.extra; ++k) code += x > ix.threshold[code] ? 1 : 0;
+  return static_cast<unsigned char>(code);
+}
+
+// ---- the thread pool ---------------------------------------------------------------------
+class Pool {
+ public:
+  // Runs body(i) for i in [0, n) on up to `threads` threads (the caller is one).
+  void parallel_for(long long n, int threads, const std::function<void(long long)>& body) {
+    threads = static_cast<int>(std::min<long long>(threads, n));
+    if (threads <= 1) {
+      for (long long i = 0; i < n; ++i) body(i);
+      return;
+    }
+    std::lock_guard<std::mutex> call(call_mutex_);  // one parallel region at a time
+    std::atomic<long long> next{0};
+    const std::function<void()> drain = [&] {
+      for (long long i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) body(i);
+    };
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      grow(threads - 1);
+      job_ = &drain;
+      helpers_ = threads - 1;
+      pending_ = helpers_;
+      ++generation_;
+    }
+    wake_.notify_all();
+    drain();
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [&] { return pending_ == 0; });
+    job_ = nullptr;
+  }
+
+ private:
+  void grow(int wanted) {
+    if (owner_ != getpid()) {  // a forked child inherits no threads: start afresh
+      workers_.clear();        // (the parent's std::thread objects are forgotten, not joined)
+      owner_ = getpid();
+    }
+    while (static_cast<int>(workers_.size()) < wanted) {
+      const int index = static_cast<int>(workers_.size());
+      workers_.emplace_back([this, index] { work(index); });
+      workers_.back().detach();
+    }
+  }
+
+  void work(int index) {
+    unsigned long long seen = 0;
+    for (;;) {
+      const std::function<void()>* job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (index >= helpers_) continue;  // not needed this time
+        job = job_;
+      }
+      (*job)();
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex call_mutex_, mutex_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void()>* job_ = nullptr;
+  int helpers_ = 0, pending_ = 0;
+  unsigned long long generation_ = 0;
+  pid_t owner_ = getpid();
+};
+
+Pool& pool() {
+  static Pool* instance = new Pool;  // never destroyed: detached workers outlive static destructors
+  return *instance;
+}
+
+// ---- phase 1: the dot products of one chunk --------------------------------------------------
+// A 256-element tile at a time: converted to float32 in arrays (8-bit codes
+// dequantized with the tile's one scale), then summed into eight lanes of
+// float64 accumulators in a fixed order and combined by a fixed tree. The
+// compiler vectorises the lanes; the result is the same on every machine and
+// for every thread count. Past the end of the tensor a tile is zero-filled,
+// which adds exact zeros.
+constexpr int kLanes = 8;
+
+template <int F, int M, bool kNeedP>
+void stats_chunk(const long long* row, long long start, long long end, const CodeIndex& ix, double* out) {
+  using E = Elem<F>;
+  using T = typename E::T;
+  const T* __restrict__ g = address<const T>(row, kFieldGrad);
+  const T* __restrict__ p = address<const T>(row, kFieldParam);
+  const float* __restrict__ m32 = address<const float>(row, kFieldState);
+  const unsigned char* __restrict__ codes = address<const unsigned char>(row, kFieldState);
+  const float* __restrict__ absmax = address<const float>(row, kFieldAbsmax);
+  constexpr bool kUseM = M != kNoState;
+  double acc[kSums][kLanes] = {};
+  alignas(64) float gv[kQBlock], pv[kQBlock], mv[kQBlock];
+  for (long long tile = start; tile < end; tile += kQBlock) {
+    const int count = static_cast<int>(std::min<long long>(kQBlock, end - tile));
+    for (int k = 0; k < count; ++k) gv[k] = E::load(g[tile + k]);
+    if (kNeedP)
+      for (int k = 0; k < count; ++k) pv[k] = E::load(p[tile + k]);
+    if (M == kState32)
+      for (int k = 0; k < count; ++k) mv[k] = m32[tile + k];
+    if (M == kState8) {
+      const float scale = absmax[tile / kQBlock];
+      for (int k = 0; k < count; ++k) mv[k] = ix.book[codes[tile + k]] * scale;
+    }
+    for (int k = count; k < kQBlock; ++k) gv[k] = pv[k] = mv[k] = 0.0f;
+    // float32 x float32 is exact in float64: only the accumulation rounds.
+    for (int k = 0; k < kQBlock; k += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        const double gd = gv[k + l], pd = pv[k + l], md = mv[k + l];
+        acc[kGG][l] += gd * gd;
+        if (kNeedP) {
+          acc[kPP][l] += pd * pd;
+          acc[kGP][l] += gd * pd;
+        }
+        if (kUseM) {
+          acc[kMM][l] += md * md;
+          acc[kGM][l] += gd * md;
+          if (kNeedP) acc[kPM][l] += pd * md;
+        }
+      }
+    }
+  }
+  for (int j = 0; j < kSums; ++j) {
+    const double* a = acc[j];
+    out[j] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+  }
+}
+
+// ---- phase 3: the update of one chunk ----------------------------------------------------------
+template <int F, int M, bool kFirst, bool kNesterov>
+void update_chunk(const long long* row, long long start, long long end, const TensorCoef& cf, float lam, float mu,
+                  float keep, const CodeIndex& ix) {
+  using E = Elem<F>;
+  using T = typename E::T;
+  T* __restrict__ p = address<T>(row, kFieldParam);
+  const T* __restrict__ g = address<const T>(row, kFieldGrad);
+  constexpr bool kMomentum = M != kNoState;
+  if (M != kState8) {
+    float* __restrict__ m = address<float>(row, kFieldState);
+    for (long long i = start; i < end; ++i) {
+      float mi = (kMomentum && !kFirst) ? m[i] : 0.0f;
+      p[i] = E::store(step_element<kMomentum>(cf, lam, mu, keep, kNesterov, kFirst, E::load(p[i]), E::load(g[i]), mi));
+      if (kMomentum) m[i] = mi;
+    }
+    return;
+  }
+  // 8-bit state, one 256-element block at a time: dequantize, step, requantize.
+  unsigned char* __restrict__ codes = address<unsigned char>(row, kFieldState);
+  float* __restrict__ absmax = address<float>(row, kFieldAbsmax);
+  for (long long tile = start; tile < end; tile += kQBlock) {
+    const int count = static_cast<int>(std::min<long long>(kQBlock, end - tile));
+    const float scale = absmax[tile / kQBlock];
+    alignas(64) float m[kQBlock];
+    for (int k = 0; k < count; ++k) m[k] = kFirst ? 0.0f : ix.book[codes[tile + k]] * scale;
+    for (int k = 0; k < count; ++k) {
+      const long long i = tile + k;
+      p[i] = E::store(step_element<true>(cf, lam, mu, keep, kNesterov, kFirst, E::load(p[i]), E::load(g[i]), m[k]));
+    }
+    // The block's absmax (elements past the end are the zero padding of
+    // quantize_blockwise); a NaN anywhere makes it NaN, as numpy's max does.
+    float block_max = 0.0f;
+    bool has_nan = false;
+    for (int k = 0; k < count; ++k) {
+      const float a = fabsf(m[k]);
+      block_max = a > block_max ? a : block_max;
+      has_nan |= a != a;
+    }
+    if (has_nan)
+      for (int k = 0; k < count; ++k) block_max = nan_max(block_max, fabsf(m[k]));
+    absmax[tile / kQBlock] = block_max;
+    if (block_max == 0.0f) {  // a zero block is all 127 (the map's 0.0)
+      std::memset(codes + tile, 127, static_cast<size_t>(count));
+      continue;
+    }
+    const float safe = block_max > 0.0f ? block_max : 1.0f;  // NaN absmax: scale by 1, as the reference
+    alignas(64) float x[kQBlock];
+    for (int k = 0; k < count; ++k) x[k] = m[k] / safe;
+    for (int k = 0; k < count; ++k) codes[tile + k] = nearest_code(ix, x[k]);
+  }
+}
+
+// ---- dispatch on (format, state mode) ----------------------------------------------------------
+using StatsFn = void (*)(const long long*, long long, long long, const CodeIndex&, double*);
+using UpdateFn = void (*)(const long long*, long long, long long, const TensorCoef&, float, float, float,
+                          const CodeIndex&);
+
+template <int F, int M>
+StatsFn stats_for(bool need_p) {
+  return need_p ? &stats_chunk<F, M, true> : &stats_chunk<F, M, false>;
+}
+template <int F, int M>
+UpdateFn update_for(bool first, bool nesterov) {
+  if (first) return nesterov ? &update_chunk<F, M, true, true> : &update_chunk<F, M, true, false>;
+  return nesterov ? &update_chunk<F, M, false, true> : &update_chunk<F, M, false, false>;
+}
+
+template <int F>
+StatsFn stats_for_mode(int mode, bool need_p) {
+  switch (mode) {
+    case kState32: return stats_for<F, kState32>(need_p);
+    case kState8: return stats_for<F, kState8>(need_p);
+    default: return stats_for<F, kNoState>(need_p);
+  }
+}
+StatsFn stats_fn(int kind, bool need_p) {
+  switch (kind / 3) {
+    case kF16: return stats_for_mode<kF16>(kind % 3, need_p);
+    case kBF16: return stats_for_mode<kBF16>(kind % 3, need_p);
+    default: return stats_for_mode<kF32>(kind % 3, need_p);
+  }
+}
+template <int F>
+UpdateFn update_for_mode(int mode, bool first, bool nesterov) {
+  switch (mode) {
+    case kState32: return update_for<F, kState32>(first, nesterov);
+    case kState8: return update_for<F, kState8>(first, nesterov);
+    default: return update_for<F, kNoState>(first, nesterov);
+  }
+}
+UpdateFn update_fn(int kind, bool first, bool nesterov) {
+  switch (kind / 3) {
+    case kF16: return update_for_mode<kF16>(kind % 3, first, nesterov);
+    case kBF16: return update_for_mode<kBF16>(kind % 3, first, nesterov);
+    default: return update_for_mode<kF32>(kind % 3, first, nesterov);
+  }
+}
+
+// ---- phase 2: one tensor's coefficients ------------------------------------------------------------
+// Returns the tensor's coefficients and advances its counters, as lars_finalize.
+TensorCoef finalize_tensor(const long long* row, const double* totals, int percentile, int policy,
+                           const StepConfig& c) {
+  long long* step_count = address<long long>(row, kFieldStep);
+  if (policy == kPolicySkip && !std::isfinite(totals[kGG])) {
+    *address<long long>(row, kFieldSkip) += 1;  // p, m, history and step_count stay as they were
+    return TensorCoef{1.0f, 1.0f, 0.0f, kCoefSkip};
+  }
+  const long long t = *step_count + 1;
+  double gamma = 1.0;
+  if (c.switches & kSwitchPercentile) {  // 1. record ||g||^2, compare with the percentile
+    float* history = address<float>(row, kFieldHistory);
+    const float entry = static_cast<float>(sqrt(totals[kGG]) * sqrt(totals[kGG]));
+    const int slot = static_cast<int>(t % kHistory);
+    if (history[0] < 0.0f) {
+      for (int i = 0; i < kHistory; ++i) history[i] = entry;
+    } else {
+      history[slot] = entry;
+    }
+    int order[kHistory];
+    for (int i = 0; i < kHistory; ++i) order[i] = i;
+    std::nth_element(order, order + percentile, order + kHistory,
+                     [&](int a, int b) { return sorts_before(history[a], a, history[b], b); });
+    gamma = percentile_gamma(history[slot], history[order[percentile]]);
+  }
+  *step_count = t;
+  return step_coef(totals, t, gamma, c);
+}
+
+CodeIndex& code_index(const float* map) {
+  static CodeIndex* ix = nullptr;
+  static std::once_flag once;
+  std::call_once(once, [&] {
+    ix = new CodeIndex;
+    build_index(*ix, map);
+  });
+  return *ix;
+}
+
+}  // namespace lars_cpu
+
+// Version of the C interface below; cupylars/native.py checks it after loading.
+LARS_EXPORT int lars_cpu_abi_version() { return 1; }
+
+// One LARS step over the tensors of `tensors` (num_tensors rows, lars_math.h)
+// and their chunks (`blocks`, num_blocks entries). `partials` holds kSums
+// doubles per chunk and `coefs` one TensorCoef per tensor: the caller's scratch.
+// Returns 0, or 1 when policy is "raise" and a gradient is non-finite: then
+// nothing but the scratch was written (the caller reads the partials to name
+// the tensors).
+LARS_EXPORT int lars_cpu_step(const long long* tensors, int num_tensors, const long long* blocks,
+                              long long num_blocks, long long chunk, double* partials, int* coefs,
+                              const float* code_map, double lr, double momentum, double dampening,
+                              double weight_decay, double trust_coefficient, double eps, double max_unorm,
+                              int percentile, int switches, int policy, int need_p, int stats_m, int threads) {
+  using namespace lars_cpu;
+  const CodeIndex& ix = code_index(code_map);
+  Pool& workers = pool();
+  auto row_of = [&](long long b, long long* start, long long* end) {
+    const long long entry = blocks[b];
+    const long long* row = tensors + static_cast<long long>(block_tensor(entry)) * kTensorFields;
+    *start = block_chunk(entry) * chunk;
+    *end = std::min(*start + chunk, row[kFieldSize]);
+    return row;
+  };
+
+  workers.parallel_for(num_blocks, threads, [&](long long b) {
+    long long start, end;
+    const long long* row = row_of(b, &start, &end);
+    const int kind = static_cast<int>(row[kFieldKind]);
+    const int mode = stats_m ? kind % 3 : kNoState;
+    stats_fn(kind - kind % 3 + mode, need_p != 0)(row, start, end, ix, partials + b * kSums);
+  });
+
+  // Totals in chunk order: the same sums whatever the thread count.
+  std::vector<double> totals(static_cast<size_t>(num_tensors) * kSums, 0.0);
+  for (int t = 0; t < num_tensors; ++t) {
+    const long long* row = tensors + static_cast<long long>(t) * kTensorFields;
+    double* sum = &totals[static_cast<size_t>(t) * kSums];
+    for (long long k = 0; k < row[kFieldNumBlocks]; ++k)
+      for (int j = 0; j < kSums; ++j) sum[j] += partials[(row[kFieldFirstBlock] + k) * kSums + j];
+    if (policy == kPolicyRaise && !std::isfinite(sum[kGG])) return 1;
+  }
+
+  const StepConfig config = {lr, momentum, dampening, weight_decay, trust_coefficient, eps, max_unorm, switches};
+  TensorCoef* coef = reinterpret_cast<TensorCoef*>(coefs);
+  for (int t = 0; t < num_tensors; ++t)
+    coef[t] = finalize_tensor(tensors + static_cast<long long>(t) * kTensorFields,
+                              &totals[static_cast<size_t>(t) * kSums], percentile, policy, config);
+
+  const float lam = static_cast<float>(weight_decay);
+  const float mu = static_cast<float>(momentum);
+  const float keep = static_cast<float>(1.0 - dampening);
+  const bool nesterov = (switches & kSwitchNesterov) != 0;
+  const bool uses_m = (switches & kSwitchMomentum) != 0;
+  // Last chunk first: the stats phase ended there, so its data may still be in cache.
+  workers.parallel_for(num_blocks, threads, [&](long long i) {
+    const long long b = num_blocks - 1 - i;
+    long long start, end;
+    const long long* row = row_of(b, &start, &end);
+    const int t = block_tensor(blocks[b]);
+    const TensorCoef& cf = coef[t];
+    if (cf.flags & kCoefSkip) return;
+    const int kind = static_cast<int>(row[kFieldKind]);
+    const int mode = uses_m ? kind % 3 : kNoState;
+    update_fn(kind - kind % 3 + mode, (cf.flags & kCoefFirst) != 0, nesterov)(row, start, end, cf, lam, mu,
+                                                                               keep, ix);
+  });
+  return 0;
+}

@@ -1,0 +1,241 @@
+// The math of one LARS step, shared by the CUDA kernels (lars_kernels.cu) and
+// the native CPU backend (cpu/lars_cpu.cpp).
+//
+// Everything here compiles three ways: for the GPU by NVRTC, for the CPU
+// emulator by g++ through rawkernels/cpu_shim, and as plain host C++ for the
+// native CPU backend (which defines LARS_HOST_ONLY before including this). The
+// per-element update, the bfloat16 rounding, the 8-bit rounding rule, the
+// percentile rank and the per-tensor coefficients are written once, so the two
+// backends execute the same float operations in the same order; only how the
+// memory is walked (warps and tiles on the GPU, threads and vector lanes on the
+// CPU) differs. The numbering of the steps follows cupylars/reference.py.
+#pragma once
+
+#ifdef LARS_HOST_ONLY
+#include <cmath>
+#include <cstring>
+#define LARS_HD inline __attribute__((always_inline))
+#else
+#define LARS_HD __host__ __device__ __forceinline__
+#endif
+
+namespace lars {
+
+// Enumerators rather than constexpr variables: NVRTC would emit those as device globals.
+enum MathConstants : int {
+  kQBlock = 256,   // elements per 8-bit absmax block
+  kHistory = 100,  // percentile-clipping history length
+  kSums = 6,       // dot products gathered per chunk
+};
+
+// Storage formats of params/grads (cupylars.formats.FORMATS order).
+enum Format : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+// How the momentum state is stored (or that a pass does not touch it).
+enum StateMode : int { kNoState = 0, kState32 = 1, kState8 = 2 };
+
+// Indices into the per-chunk partial sums (and the per-tensor totals).
+enum Sum : int { kGG = 0, kPP = 1, kMM = 2, kGP = 3, kGM = 4, kPM = 5 };
+
+// ---- metadata ----------------------------------------------------------------------
+// Tensor table: one row of kTensorFields int64 per (non-empty) tensor. Both
+// backends read the same rows (cupylars/plan.py builds them).
+enum TensorField : int {
+  kFieldParam = 0,       // address of p (storage format)
+  kFieldGrad = 1,        // address of g (storage format)
+  kFieldState = 2,       // address of m (float32) or of the 8-bit codes; 0 = none yet
+  kFieldAbsmax = 3,      // address of the absmax array (8-bit state), else 0
+  kFieldStep = 4,        // address of step_count (int64)
+  kFieldSkip = 5,        // address of skip_count (int64)
+  kFieldHistory = 6,     // address of history (float32[100])
+  kFieldSize = 7,        // number of elements n
+  kFieldFirstBlock = 8,  // index of the tensor's first chunk in the block table
+  kFieldNumBlocks = 9,   // number of chunks of the tensor
+  kFieldVector = 10,     // 1 when p, g and m allow 16-byte (quad) accesses (GPU)
+  kFieldKind = 11,       // format * 3 + state mode (the CPU dispatches on it; the GPU
+                         // launches one kernel per kind instead)
+  kTensorFields = 12,    // row stride (32-byte aligned rows)
+};
+
+// Block table: one int64 per chunk, (tensor row << 32) | chunk index.
+LARS_HD int block_tensor(long long entry) { return static_cast<int>(entry >> 32); }
+LARS_HD long long block_chunk(long long entry) { return entry & 0xffffffffLL; }
+
+// Per-tensor result of the finalize pass, read by the update pass.
+enum CoefFlag : int { kCoefSkip = 1, kCoefFirst = 2 };
+struct TensorCoef {
+  float gamma;  // percentile clipping factor (float32, as applied)
+  float r;      // trust ratio (float32, as applied)
+  float lrs;    // lr * s, the update-norm clipped step size
+  int flags;    // CoefFlag bits
+};
+
+// Bits of the finalize pass's `switches` argument.
+enum Switch : int {
+  kSwitchPercentile = 1,
+  kSwitchTrust = 2,
+  kSwitchTrustClip = 4,
+  kSwitchMomentum = 8,
+  kSwitchNesterov = 16,
+  kSwitchUnorm = 32,
+};
+// Non-finite policies (cupylars.config.NONFINITE_POLICIES order).
+enum Policy : int { kPolicySkip = 0, kPolicyRaise = 1, kPolicyPropagate = 2 };
+
+// The scalar hyperparameters of a step as the finalize pass reads them (float64,
+// as cupylars.config.LarsConfig holds them).
+struct StepConfig {
+  double lr, momentum, dampening, weight_decay, trust_coefficient, eps, max_unorm;
+  int switches;
+};
+
+// ---- bits --------------------------------------------------------------------------
+#ifdef LARS_HOST_ONLY
+LARS_HD unsigned int float_bits(float x) {
+  unsigned int u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+}
+LARS_HD float bits_float(unsigned int u) {
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+#else
+LARS_HD unsigned int float_bits(float x) { return __float_as_uint(x); }
+LARS_HD float bits_float(unsigned int u) { return __uint_as_float(u); }
+#endif
+
+// float32 -> bfloat16 bits, round to nearest even, exactly as
+// cupylars.formats.from_float32 does (a NaN keeps its sign and top payload
+// bits, made quiet), so every backend stores the same bits.
+LARS_HD unsigned short bf16_bits(float x) {
+  const unsigned int bits = float_bits(x);
+  const unsigned int rounded =
+      (x != x) ? ((bits >> 16) | 0x0040u) : ((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+  return static_cast<unsigned short>(rounded);
+}
+// bfloat16 is the upper half of a float32: widening is exact.
+LARS_HD float bf16_to_float(unsigned short bits) { return bits_float(static_cast<unsigned int>(bits) << 16); }
+
+// max that propagates NaN, like numpy's max (fmaxf would drop it).
+LARS_HD float nan_max(float a, float b) {
+  if (a != a) return a;
+  if (b != b) return b;
+  return b > a ? b : a;
+}
+
+// ---- steps 2-4 and 6: one element ----------------------------------------------------
+// p -> p - lr s u with d = r (gamma g + lam p), m = d (first step) or
+// mu m_old + keep d, u = d + mu m (nesterov), m, or d (no momentum).
+// `m` holds m_old on entry (ignored on the first step) and the new m on exit.
+// The fused multiply-adds are written out so that every backend rounds alike.
+template <bool kMomentum>
+LARS_HD float step_element(const TensorCoef& cf, float lam, float mu, float keep, bool nesterov, bool first,
+                           float p, float g, float& m) {
+  float d = fmaf(cf.gamma, g, lam * p);  // 2. gamma g + lam p
+  d = cf.r * d;                          // 3. trust ratio
+  float u = d;
+  if (kMomentum) {  // 4. momentum
+    m = first ? d : fmaf(mu, m, keep * d);
+    u = nesterov ? fmaf(mu, m, d) : m;
+  }
+  return fmaf(-cf.lrs, u, p);  // 6. p - lr s u (s from the finalize pass)
+}
+
+// ---- 8-bit rounding rule ---------------------------------------------------------------
+// cupylars/quantization.py: with lo the largest index with book[lo] <= x (and
+// book[lo] <= x < book[lo+1]), the code is lo when x - book[lo] <= book[lo+1] - x
+// in float32, else lo + 1. How lo is found differs per backend.
+LARS_HD unsigned char code_between(const float* book, int lo, float x) {
+  const float below = x - book[lo];
+  const float above = book[lo + 1] - x;
+  return static_cast<unsigned char>(below <= above ? lo : lo + 1);
+}
+
+// ---- step 1: percentile clipping ---------------------------------------------------------
+// NaN sorts last, as in numpy.sort; equal values keep their index order, so
+// every entry of the history has a distinct rank.
+LARS_HD bool sorts_before(float a, int ia, float b, int ib) {
+  const bool a_nan = a != a, b_nan = b != b;
+  if (a_nan || b_nan) return (!a_nan) || (a_nan && b_nan && ia < ib);
+  return a < b || (a == b && ia < ib);
+}
+
+// gamma = clip / current when the current norm exceeds the percentile's, else 1.
+LARS_HD double percentile_gamma(float current_sq, float clip_sq) {
+  const double current = sqrt(static_cast<double>(current_sq));
+  const double clip = sqrt(static_cast<double>(clip_sq));
+  return current > clip ? clip / current : 1.0;
+}
+
+// ---- steps 3 and 5: the factors of one tensor, from its dot products ----------------------
+// `totals` are the float64 dot products over the whole tensor before the step;
+// `gamma` the unrounded percentile factor; `t` the applied step.
+LARS_HD TensorCoef step_coef(const double* totals, long long t, double gamma, const StepConfig& c) {
+  const double g_norm = sqrt(totals[kGG]);
+  const double p_norm = sqrt(totals[kPP]);
+  const float gamma_f = static_cast<float>(gamma);
+  const float lam_f = static_cast<float>(c.weight_decay);
+
+  // 3. trust ratio, in float64 with the unrounded gamma as the reference does.
+  double r = 1.0;
+  if (c.switches & kSwitchTrust) {
+    if (p_norm > 0.0 && g_norm > 0.0)
+      r = c.trust_coefficient * p_norm / (gamma * g_norm + c.weight_decay * p_norm + c.eps);
+    if (c.switches & kSwitchTrustClip) {
+      if (c.lr > 0.0) {
+        const double q = r / c.lr;
+        r = (1.0 < q) ? 1.0 : q;  // Python's min(q, 1.0): a NaN q stays NaN
+      } else {
+        r = 1.0;
+      }
+    }
+  }
+  const float r_f = static_cast<float>(r);
+
+  // 5. ||u|| from dot products: u = alpha g + beta p + kappa m_old, with
+  // d = a g + b p the float32 factors as the update applies them.
+  const double a = static_cast<double>(r_f) * gamma_f;
+  const double bp = static_cast<double>(r_f) * lam_f;
+  double alpha = a, beta = bp, kappa = 0.0;
+  const bool first = t == 1;
+  if (c.switches & kSwitchMomentum) {
+    const double mu = static_cast<float>(c.momentum);
+    const double keep = static_cast<float>(1.0 - c.dampening);
+    const bool nesterov = (c.switches & kSwitchNesterov) != 0;
+    double scale_d, scale_m;
+    if (first) {  // m = d
+      scale_d = nesterov ? 1.0 + mu : 1.0;
+      scale_m = 0.0;
+    } else {  // m = mu m_old + keep d
+      scale_d = nesterov ? 1.0 + mu * keep : keep;
+      scale_m = nesterov ? mu * mu : mu;
+    }
+    alpha = scale_d * a;
+    beta = scale_d * bp;
+    kappa = scale_m;
+  }
+  double s = 1.0;
+  if (c.switches & kSwitchUnorm) {
+    // Terms with a zero weight are left out, so a value that u does not
+    // contain (m at t == 1, p without decay) cannot turn the sum into NaN.
+    double uu = 0.0;
+    if (alpha != 0.0) uu += alpha * alpha * totals[kGG];
+    if (beta != 0.0) uu += beta * beta * totals[kPP];
+    if (kappa != 0.0) uu += kappa * kappa * totals[kMM];
+    if (alpha != 0.0 && beta != 0.0) uu += 2.0 * alpha * beta * totals[kGP];
+    if (alpha != 0.0 && kappa != 0.0) uu += 2.0 * alpha * kappa * totals[kGM];
+    if (beta != 0.0 && kappa != 0.0) uu += 2.0 * beta * kappa * totals[kPM];
+    const double u_norm = sqrt(uu < 0.0 ? 0.0 : uu);  // rounding can dip below 0; NaN stays NaN
+    if (p_norm > 0.0 && u_norm > c.max_unorm * p_norm) s = c.max_unorm * p_norm / u_norm;
+  }
+
+  TensorCoef cf;
+  cf.gamma = gamma_f;
+  cf.r = r_f;
+  cf.lrs = static_cast<float>(c.lr * s);
+  cf.flags = first ? kCoefFirst : 0;
+  return cf;
+}
+
+}  // namespace lars
