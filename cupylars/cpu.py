@@ -95,10 +95,11 @@ class CpuBackend:
         live = checked.live
         if not live:
             return
-        for i, st in enumerate(states):
-            for name, a in st.arrays().items():
-                if not (a.flags.c_contiguous and a.flags.writeable):
-                    raise ValueError(f"states[{i}].{name} must be a writeable, C-contiguous array")
+        # What a remembered validation cannot vouch for: the parameters of this call are
+        # writeable. (The state arrays are checked whenever tables are built for them.)
+        if not all(params[i].flags.writeable for i in live):
+            bad = next(i for i in live if not params[i].flags.writeable)
+            raise ValueError(f"params[{bad}] is read-only: LARS updates parameters in place")
         # Strided parameters are stepped in a contiguous copy and written back; strided
         # gradients are read through a contiguous copy.
         staged = [(i, params[i]) for i in live if not params[i].flags.c_contiguous]
@@ -172,9 +173,11 @@ class CpuBackend:
         key = (chunk, uses_m, stats_m, checked.token)
         plan = self._plans.get(key)
         if plan is None or plan.param_addresses != param_addresses:
-            from .cuda import check_no_overlap
-
-            check_no_overlap(live, param_addresses, [params[i].nbytes for i in live])
+            tables.check_no_overlap(live, param_addresses, [params[i].nbytes for i in live])
+            for i in live:
+                for name, a in states[i].arrays().items():
+                    if not (a.flags.c_contiguous and a.flags.writeable):
+                        raise ValueError(f"states[{i}].{name} must be a writeable, C-contiguous array")
             if grads is not None:
                 rows = [array_address(grads[i]) for i in live]
             else:

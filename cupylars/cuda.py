@@ -49,7 +49,7 @@ from .plan import (
     STATE_NAMES,
     SUMS,
     TENSOR_FIELDS,
-    first_overlap,
+    check_no_overlap,
 )
 from .state import LarsState
 
@@ -631,17 +631,6 @@ class CudaBackend:
             )
             mine[ctx] = have
         return have
-
-
-def check_no_overlap(live: Sequence[int], addresses: Sequence[int], nbytes: Sequence[int]) -> None:
-    """Refuse parameters whose memory overlaps: the chunks of one step would race on it."""
-    pair = first_overlap([(a, a + n) for a, n in zip(addresses, nbytes)])
-    if pair is not None:
-        i, j = live[pair[0]], live[pair[1]]
-        raise ValueError(
-            f"params[{i}] and params[{j}] overlap in memory (views of one buffer): each parameter "
-            "must own its memory, or the result would depend on the order of the updates"
-        )
 
 
 # ---- backends -------------------------------------------------------------------------------------

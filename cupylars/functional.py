@@ -188,7 +188,7 @@ def lars_update_many(
     checked = _checked(params, grads, states, dtype)
     chosen = backends.select(checked.module, backend)
     if isinstance(chosen, ReferenceBackend):
-        _check_no_overlap(params, checked.live)  # the other backends check it when their tables change
+        _check_no_overlap(params, checked.live)  # the others check it when they build tables
     chosen.update_many(params, grads, states, cfg, checked)
     if tensors:
         # The arrays wrote the tensors behind autograd's back: tell it, so a backward
@@ -273,7 +273,7 @@ def _extent(array: Any) -> tuple[int, int]:
 
 def _check_no_overlap(params: Sequence[Any], live: Sequence[int]) -> None:
     """Two parameters of one call must not share memory: the update would race on it."""
-    from .plan import first_overlap
+    from .plan import first_overlap, overlap_error
 
     pair = first_overlap([_extent(params[i]) for i in live])
     if pair is None:
@@ -283,10 +283,7 @@ def _check_no_overlap(params: Sequence[Any], live: Sequence[int]) -> None:
     if array_module(a) is np and not (a.flags.c_contiguous and b.flags.c_contiguous):
         if not np.shares_memory(a, b):  # interleaved strided views share no element
             return
-    raise ValueError(
-        f"params[{i}] and params[{j}] overlap in memory (views of one buffer): each parameter "
-        "must own its memory, or the result would depend on the order of the updates"
-    )
+    raise overlap_error(i, j)
 
 
 _VERSION = attrgetter("_version")

@@ -27,7 +27,15 @@ import numpy as np
 from .formats import FORMATS
 from .state import LarsState
 
-__all__ = ["CHUNK_SIZE", "TENSOR_FIELDS", "Tables", "build_tables", "check_chunk"]
+__all__ = [
+    "CHUNK_SIZE",
+    "TENSOR_FIELDS",
+    "Tables",
+    "build_tables",
+    "check_chunk",
+    "check_no_overlap",
+    "first_overlap",
+]
 
 # ---- mirrors rawkernels/lars_math.h (tests/test_kernels_compile.py checks) ------------------
 TILE = 256  # kQBlock: elements of one 8-bit absmax block; chunks never split one
@@ -210,3 +218,17 @@ def first_overlap(extents: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
         if extents[b][0] < extents[a][1]:
             return (min(a, b), max(a, b))
     return None
+
+
+def check_no_overlap(live: Sequence[int], addresses: Sequence[int], nbytes: Sequence[int]) -> None:
+    """Refuse parameters whose memory overlaps: the chunks of one step would race on it."""
+    pair = first_overlap([(a, a + n) for a, n in zip(addresses, nbytes)])
+    if pair is not None:
+        raise overlap_error(live[pair[0]], live[pair[1]])
+
+
+def overlap_error(i: int, j: int) -> ValueError:
+    return ValueError(
+        f"params[{i}] and params[{j}] overlap in memory (views of one buffer): each parameter "
+        "must own its memory, or the result would depend on the order of the updates"
+    )

@@ -1,4 +1,7 @@
-"""The CUDA kernels, run on the CPU by the emulator, against the NumPy reference.
+"""The fused kernels against the NumPy reference, on both host backends that run them:
+the CUDA kernels run on the CPU by the emulator, and the native CPU backend compiled
+from the same math (rawkernels/lars_math.h). Tests of the CUDA launcher itself
+(launch counts, table uploads, quad-access flags) run on the emulator only.
 
 Each step starts the reference from a copy of the kernels' own state, so the two
 never drift apart and every step is compared on its own: the kernels use fused
@@ -32,7 +35,7 @@ from lars_cases import (
 
 from cupylars import cuda, plan, reference
 from cupylars import functional as F
-from cupylars.testing import emulated_cuda
+from cupylars.testing import emulated_cuda, native_cpu
 
 # A mark rather than a module-level skip: tests/test_kernels_gpu.py imports the helpers below.
 pytestmark = pytest.mark.skipif(
@@ -72,6 +75,26 @@ CONFIGS = {
     "propagate": {**FULL, "nonfinite": "propagate"},
     "raise": {**FULL, "nonfinite": "raise"},
 }
+
+
+KERNEL_BACKENDS = {"emulated-cuda": emulated_cuda, "cpu": native_cpu}
+_current = ["emulated-cuda"]
+cuda_launcher = pytest.mark.cuda_launcher  # a test of the CUDA launcher: emulator only
+
+
+@pytest.fixture(autouse=True, params=list(KERNEL_BACKENDS))
+def kernel_backend(request):
+    """Every test runs on each kernel backend (``kernels()`` enters the current one)."""
+    if request.param != "emulated-cuda" and request.node.get_closest_marker("cuda_launcher"):
+        pytest.skip("tests the CUDA launcher, which the native CPU backend does not use")
+    _current[0] = request.param
+    yield request.param
+    _current[0] = "emulated-cuda"
+
+
+def kernels():
+    """The kernel backend of the running test, as a context manager."""
+    return KERNEL_BACKENDS[_current[0]]()
 
 
 @pytest.fixture
@@ -176,7 +199,7 @@ def step_and_compare(params, grads, states, hp, dtype, what=""):
     finally:
         reference._store_momentum = store
     try:
-        with emulated_cuda():
+        with kernels():
             F.lars_update_many(params, grads, states, dtype=dtype, **hp)
     except FloatingPointError as e:
         emu_error = e
@@ -287,7 +310,7 @@ def test_against_the_independent_float64_spec(shape, fmt, bits, hp, seed):
     state = F.init_state(param, optim_bits=bits, min_8bit_size=256, dtype=dtype_arg(fmt))
 
     def update(p, g, st):
-        with emulated_cuda():
+        with kernels():
             F.lars_update(p, g, st, dtype=dtype_arg(fmt), **hp)
 
     for _ in range(15):
@@ -356,7 +379,7 @@ def test_raise_modifies_nothing(bits, small_chunks):
     params, states = _make(rng, [(600,), (1300,)], "float32", bits)
     grads = _poison(_grads(rng, params, "float32"), 1)
     snap = [p.copy() for p in params]
-    with emulated_cuda(), pytest.raises(FloatingPointError, match=r"tensor\(s\) \[1\]"):
+    with kernels(), pytest.raises(FloatingPointError, match=r"tensor\(s\) \[1\]"):
         F.lars_update_many(params, grads, states, **{**FULL, "nonfinite": "raise"})
     for p, s in zip(params, snap):
         np.testing.assert_array_equal(p, s)
@@ -389,10 +412,11 @@ def test_propagate_matches_the_reference(bits, percentile, small_chunks):
 
 # ---- the launcher ------------------------------------------------------------------------------
 def _run(params, grads, states, hp=FULL, dtype=None):
-    with emulated_cuda():
+    with kernels():
         F.lars_update_many(params, grads, states, dtype=dtype, **hp)
 
 
+@cuda_launcher
 @pytest.mark.parametrize("n_tensors", [1, 7, 40])
 def test_launch_count_does_not_depend_on_the_number_of_tensors(n_tensors, small_chunks):
     rng = np.random.default_rng(n_tensors)
@@ -410,6 +434,7 @@ def test_launch_count_does_not_depend_on_the_number_of_tensors(n_tensors, small_
     assert launches[1][1] == (n_tensors,)
 
 
+@cuda_launcher
 def test_launches_per_kernel_variant_not_per_tensor(small_chunks):
     rng = np.random.default_rng(8)
     params, states = _make(rng, [(100,)] * 30 + [(3000,)] * 30, "float16", 8, min_8bit_size=1000)
@@ -447,6 +472,7 @@ def test_two_runs_are_bitwise_identical(small_chunks):
             assert arr.tobytes() == getattr(b, k).tobytes(), k
 
 
+@cuda_launcher
 def test_steady_state_steps_upload_no_tables(monkeypatch):
     backend = cuda.emulated_backend()
     backend._plans.clear()  # a freed array's address may come back: start from no cached tables
@@ -495,6 +521,7 @@ def test_fresh_gradient_arrays_match_reused_ones(small_chunks):
             assert arr.tobytes() == getattr(b, k).tobytes(), k
 
 
+@cuda_launcher
 def test_gradients_moving_between_aligned_and_unaligned_memory():
     # The quad-access flag of a tensor depends on its gradient's address: it must follow
     # the gradients when only they move.
@@ -551,16 +578,18 @@ def test_bad_input_after_steady_state_steps_still_raises_and_touches_nothing():
         ("grads[1] has shape", lambda: (params, [grads[0], grads[1][:-1]], states)),
         ("grads[0] is float16", lambda: (params, [grads[0].astype(np.float16), grads[1]], states)),
         ("grads[1] is a builtins.list", lambda: (params, [grads[0], list(grads[1])], states)),
-        ("grads[1] is not C-contiguous", lambda: (params, [grads[0], np.repeat(grads[1], 2)[::2]], states)),
         ("params[0] is read-only", lambda: ([read_only(params[0]), params[1]], grads, states)),
         ("states[0] is a dict", lambda: (params, grads, [states[0].to_dict(), states[1]])),
         ("appears twice", lambda: ([params[0], params[0]], [grads[0], grads[0]], [states[0], states[0]])),
     ]
+    if _current[0] == "emulated-cuda":  # the CPU backend reads strided gradients through a copy
+        strided = np.repeat(grads[1], 2)[::2]
+        cases.append(("grads[1] is not C-contiguous", lambda: (params, [grads[0], strided], states)))
     for match, make in cases:
-        with emulated_cuda(), pytest.raises((TypeError, ValueError), match=re.escape(match)):
+        with kernels(), pytest.raises((TypeError, ValueError), match=re.escape(match)):
             F.lars_update_many(*make(), **FULL)
     states[1].codes = states[1].codes[:-1]  # an assigned array is checked again
-    with emulated_cuda(), pytest.raises(ValueError, match="codes"):
+    with kernels(), pytest.raises(ValueError, match="codes"):
         F.lars_update_many(params, grads, states, **FULL)
     states[1].codes = snap[1].codes.copy()
     for p, b in zip(params, before):
@@ -585,6 +614,7 @@ def test_copies_of_a_state_are_validated_on_their_own():
     assert state._version != before
 
 
+@cuda_launcher
 def test_unaligned_views_take_the_scalar_path():
     rng = np.random.default_rng(11)
     base_p = random_problem(rng, (2001,), "float32")
@@ -597,6 +627,7 @@ def test_unaligned_views_take_the_scalar_path():
         step_and_compare(params, grads, states, FULL, None, f"step {t}")
 
 
+@cuda_launcher
 def test_empty_tensors_are_a_no_op():
     rng = np.random.default_rng(12)
     empty = np.zeros((0, 3), np.float32)
@@ -610,23 +641,25 @@ def test_empty_tensors_are_a_no_op():
     assert launches == [] and states[0].step == 0
 
 
+@cuda_launcher
 def test_non_contiguous_and_read_only_arrays_are_rejected():
     rng = np.random.default_rng(13)
     p = random_problem(rng, (64, 8), "float32")
     g = random_grad(rng, (64, 8), "float32")
     pt = p.T  # transposed view: not C-contiguous
     state = F.init_state(pt)
-    with emulated_cuda(), pytest.raises(ValueError, match="C-contiguous"):
+    with kernels(), pytest.raises(ValueError, match="C-contiguous"):
         F.lars_update(pt, np.ascontiguousarray(g.T), state, lr=0.1)
     assert state.step == 0
     ro = p.copy()
     ro.flags.writeable = False
-    with emulated_cuda(), pytest.raises(ValueError, match="read-only"):
+    with kernels(), pytest.raises(ValueError, match="read-only"):
         F.lars_update(ro, g, F.init_state(ro), lr=0.1)
 
 
+@cuda_launcher
 def test_backend_reports_why_it_was_chosen():
-    with emulated_cuda():
+    with kernels():
         backend = F.backend_for([np.zeros(3, np.float32)])
     assert backend.name == "emulated-cuda"
     assert "emulated_cuda" in backend.reason
