@@ -707,11 +707,20 @@ class LARS(Optimizer):
         # Whether each tensor's momentum is kept in 8 bits under the loaded hyperparameters
         # (and per-tensor overrides), as _prepare_state would create it.
         eight_bit: dict[int, bool] = {}
+        changed_bits: list[str] = []
         manager = GlobalOptimManager.get_instance()
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             merged = checkpoint.import_param_group(saved, group, label=f"param group {i}")
             _group_config(merged, None, f"loaded param group {i}")
             groups.append(merged)
+            if merged["optim_bits"] != group["optim_bits"]:
+                # Saved hyperparameters win, as in torch; for optim_bits that changes the memory
+                # the optimizer holds, so it is said (a LARS8bit loading a LARS32bit checkpoint).
+                changed_bits.append(
+                    f"param group {i}: the checkpoint sets optim_bits={merged['optim_bits']} "
+                    f"(this optimizer had {group['optim_bits']}); loaded momentum keeps its format "
+                    "and new momentum follows the checkpoint"
+                )
             for j, p in enumerate(merged["params"]):
                 override = manager.config_for(i, j, p)
                 _, bits, min_size = _group_config(merged, override, f"loaded param group {i}")
@@ -728,6 +737,8 @@ class LARS(Optimizer):
         new_state: defaultdict[Any, Any] = defaultdict(dict)
         new_state.update(state)
         self.__setstate__({"state": new_state, "param_groups": groups})
+        for message in changed_bits:
+            warnings.warn(message, stacklevel=2)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
