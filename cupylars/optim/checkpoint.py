@@ -293,6 +293,15 @@ def _import_sharded(param: torch.Tensor, saved: Mapping[str, Any], *, label: str
                     f"{label}: state1 is {tuple(value.shape)} {value.placements}, the parameter "
                     f"{tuple(param.shape)} {param.placements}"
                 )
+            if key == "absmax1":
+                from .sharded import absmax_layout
+
+                shape, placements, _ = absmax_layout(param)
+                if value.shape != shape or list(value.placements) != placements:
+                    raise ValueError(
+                        f"{label}: absmax1 is {tuple(value.shape)} {value.placements}; with the "
+                        f"parameter's sharding it must be {tuple(shape)} {tuple(placements)}"
+                    )
             out[key] = value.detach().clone()
         elif key in ("step", "skipped"):
             out[key] = torch.tensor(_count(label, key, value), dtype=torch.int64, device=local_device)
