@@ -663,3 +663,17 @@ def test_checkpoint_of_another_optim_bits_warns_and_keeps_its_state():
         opt.load_state_dict(src.state_dict())
     assert torch.equal(opt.state[model[0].weight]["state1"], src.state[model[0].weight]["state1"])
     assert opt.param_groups[0]["optim_bits"] == 32
+
+
+def test_float32_momentum_written_directly_into_8bit_state_is_quantized_at_the_step():
+    # as ZeroRedundancyOptimizer.load_state_dict writes a bitsandbytes LARS32bit state
+    p = torch.nn.Parameter(torch.randn(40, 130))
+    sd = bnb_state_dict(p, eight_bit=False, step=5)
+    opt = LARS8bit([p], lr=0.1, momentum=0.9, min_8bit_size=0)
+    opt.state[p] = dict(sd["state"][0])
+    p.grad = torch.randn(40, 130)
+    with pytest.warns(UserWarning, match="quantized"):
+        opt.step()
+    st = opt.state[p]
+    assert st["state1"].dtype == torch.uint8 and int(st["step"]) == 6
+    assert st["absmax1"].shape == (num_blocks(40 * 130),)

@@ -711,7 +711,7 @@ class LARS(Optimizer):
         manager = GlobalOptimManager.get_instance()
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             merged = checkpoint.import_param_group(saved, group, label=f"param group {i}")
-            _group_config(merged, None, f"loaded param group {i}")
+            _, group_bits, group_min_size = _group_config(merged, None, f"loaded param group {i}")
             groups.append(merged)
             if merged["optim_bits"] != group["optim_bits"]:
                 # Saved hyperparameters win, as in torch; for optim_bits that changes the memory
@@ -723,7 +723,9 @@ class LARS(Optimizer):
                 )
             for j, p in enumerate(merged["params"]):
                 override = manager.config_for(i, j, p)
-                _, bits, min_size = _group_config(merged, override, f"loaded param group {i}")
+                bits, min_size = group_bits, group_min_size
+                if override:
+                    _, bits, min_size = _group_config(merged, override, f"loaded param group {i}")
                 eight_bit[id(p)] = bits == 8 and p.numel() >= min_size
         state: dict[Any, Any] = {}
         for key, value in state_dict["state"].items():
