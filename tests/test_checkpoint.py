@@ -512,7 +512,7 @@ def test_real_bitsandbytes_nested_and_flat_forms_load_the_same(bnb):
     nested = opt.state_dict()
     flat = copy.deepcopy(nested)
     for st in flat["state"].values():
-        st.update(st.pop(checkpoint.BNB_WRAPPED_KEY))  # the layout of releases before 0.49
+        st.update(st.pop(checkpoint.BNB_WRAPPED_KEY))  # the flat layout of older releases
     a = LARS8bit(copy.deepcopy(model).parameters(), lr=1.0)
     b = LARS8bit(copy.deepcopy(model).parameters(), lr=1.0)
     a.load_state_dict(nested)

@@ -18,7 +18,7 @@ or uint8 codes with the same signed dynamic map), ``absmax1`` (blocks of 256
 since bitsandbytes 0.44, of 2048 before), ``max1``/``new_max1`` (releases with
 one absmax per tensor), ``qmap1`` (the code book), ``step`` (a Python int),
 ``unorm_vec`` (scratch) and ``gnorm_vec`` (zeros where never recorded).
-Since 0.49, bitsandbytes' ``state_dict()`` moves every tensor but ``step``
+bitsandbytes 0.50.2's ``state_dict()`` moves every tensor but ``step``
 into a nested dict under ``__bnb_optimizer_quant_state__`` (so that FSDP's
 gathering skips them); both the nested and the flat form are read.
 torch.optim.SGD saves ``momentum_buffer``. All of them are translated here;
