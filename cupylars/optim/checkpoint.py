@@ -18,9 +18,19 @@ or uint8 codes with the same signed dynamic map), ``absmax1`` (blocks of 256
 since bitsandbytes 0.44, of 2048 before), ``max1``/``new_max1`` (releases with
 one absmax per tensor), ``qmap1`` (the code book), ``step`` (a Python int),
 ``unorm_vec`` (scratch) and ``gnorm_vec`` (zeros where never recorded).
+bitsandbytes 0.50.2's ``state_dict()`` moves every tensor but ``step``
+into a nested dict under ``__bnb_optimizer_quant_state__`` (so that FSDP's
+gathering skips them); both the nested and the flat form are read.
 torch.optim.SGD saves ``momentum_buffer``. All of them are translated here;
 8-bit states whose blocks or code book differ from ours are re-quantized,
 with a warning.
+
+Loading refuses (``ValueError``, naming the parameter and key) floating state
+that holds NaN or Inf: one such entry of the momentum, or one absmax, makes
+every later step of that tensor NaN, and skipping non-finite gradients cannot
+repair it. Float32 momentum loaded for a tensor that the optimizer keeps in
+8 bits is quantized on load, with a warning (it is lossy), so the optimizer
+holds the memory it was configured for.
 """
 
 from __future__ import annotations
@@ -38,12 +48,16 @@ from .. import quantization
 from ..state import HISTORY_SIZE, UNRECORDED
 from . import bridge
 
-__all__ = ["CANONICAL_KEYS", "import_param_group", "import_param_state", "is_canonical"]
+__all__ = ["BNB_WRAPPED_KEY", "CANONICAL_KEYS", "import_param_group", "import_param_state", "is_canonical"]
 
 #: The keys of a parameter's state as this package keeps it.
 CANONICAL_KEYS = frozenset({"step", "skipped", "state1", "absmax1", "gnorm_vec"})
 # Keys of foreign checkpoints that are read (and translated) or dropped.
 _FOREIGN_KEYS = frozenset({"qmap1", "max1", "new_max1", "unorm_vec", "momentum_buffer"})
+#: bitsandbytes' key of the nested dict holding its state tensors (``Optimizer8bit.state_dict``).
+BNB_WRAPPED_KEY = "__bnb_optimizer_quant_state__"
+# Floating state whose values enter the step: a NaN or Inf in any of them poisons the tensor.
+_FINITE_KEYS = ("state1", "momentum_buffer", "absmax1", "max1", "qmap1", "gnorm_vec")
 # Older bitsandbytes releases used 2048-element blocks; the rest are for safety.
 _BLOCK_SIZES = (quantization.BLOCK_SIZE, 2048, 4096, 1024, 512, 128, 64)
 # Keys of torch.optim.SGD param groups that have no meaning here.
@@ -51,7 +65,56 @@ _DROPPED_GROUP_KEYS = ("differentiable", "fused")
 
 
 def is_canonical(state: Mapping[str, Any]) -> bool:
+    """Whether ``state`` is in this package's layout (anything else goes through the import)."""
     return state.keys() <= CANONICAL_KEYS and "skipped" in state
+
+
+def _unwrap(label: str, saved: Mapping[str, Any]) -> Mapping[str, Any]:
+    """bitsandbytes' nested state merged into one flat dict (a new dict; ``saved`` is untouched)."""
+    if BNB_WRAPPED_KEY not in saved:
+        return saved
+    inner = saved[BNB_WRAPPED_KEY]
+    if not isinstance(inner, Mapping):
+        raise TypeError(f"{label}: state {BNB_WRAPPED_KEY!r} must be a dict, got {type(inner).__name__}")
+    if BNB_WRAPPED_KEY in inner:
+        raise ValueError(f"{label}: state {BNB_WRAPPED_KEY!r} is nested twice")
+    both = sorted(set(inner) & set(saved))
+    if both:
+        # bitsandbytes moves keys into the nested dict; a key in both places is ambiguous.
+        raise ValueError(f"{label}: state has {both} both inside and outside {BNB_WRAPPED_KEY!r}")
+    flat = {k: v for k, v in saved.items() if k != BNB_WRAPPED_KEY}
+    flat.update(inner)
+    return flat
+
+
+def _check_finite(label: str, saved: Mapping[str, Any]) -> None:
+    for key in _FINITE_KEYS:
+        value = saved.get(key)
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            continue
+        if bridge.is_dtensor(value):
+            bad = _any_nonfinite_sharded(value)
+        else:
+            bad = not bool(torch.isfinite(value.detach()).all())
+        if bad:
+            raise ValueError(
+                f"{label}: state {key!r} holds NaN or Inf; the checkpoint is corrupt (a non-finite "
+                "momentum or scale makes every later step of this tensor NaN)"
+            )
+
+
+def _any_nonfinite_sharded(value: torch.Tensor) -> bool:
+    # Every rank must take the same decision, or one rank raises while the others go on:
+    # the local verdicts are combined over every dimension of the mesh.
+    import torch.distributed as dist
+
+    local = bridge.local_tensor(value)
+    flag = torch.tensor([0.0 if bool(torch.isfinite(local).all()) else 1.0], dtype=torch.float32)
+    mesh = value.device_mesh
+    flag = flag.to("cpu" if mesh.device_type == "cpu" else local.device)
+    for mesh_dim in range(mesh.ndim):
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.get_group(mesh_dim))
+    return bool(flag.item() > 0)
 
 
 def _count(label: str, key: str, value: Any) -> int:
@@ -99,7 +162,18 @@ def _import_8bit(label: str, param: torch.Tensor, codes: torch.Tensor, saved: Ma
             raise ValueError(f"{label}: qmap1 has {qmap.size} entries, an 8-bit code book has 256")
         book, same_book = qmap, bool(np.array_equal(qmap, ours))
     if saved.get("absmax1") is not None:
-        absmax = _tensor(label, "absmax1", saved["absmax1"]).to("cpu", torch.float32).reshape(-1)
+        absmax = _tensor(label, "absmax1", saved["absmax1"])
+        if absmax.dim() != 1:
+            # cupylars.optim.sharded keeps absmax1 as (shards, blocks per shard) when the shards'
+            # blocks are not the unsharded tensor's; which dimension was sharded is not saved,
+            # so the codes cannot be matched with their scales here.
+            raise ValueError(
+                f"{label}: absmax1 has shape {tuple(absmax.shape)}: 8-bit momentum of a tensor "
+                f"sharded {absmax.shape[0] if absmax.dim() else 0} ways whose shards are not whole "
+                "256-element blocks of the unsharded tensor; it loads only into an optimizer whose "
+                "parameter is sharded the same way (see docs/torch.md, Distributed training)"
+            )
+        absmax = absmax.to("cpu", torch.float32)
         blocks = absmax.numel()
         if blocks == quantization.num_blocks(n) and same_book:
             return codes, absmax  # our layout: taken bit for bit
@@ -133,20 +207,27 @@ def _import_history(label: str, saved: Mapping[str, Any], step: int, ours: bool)
     return history
 
 
-def import_param_state(param: torch.Tensor, saved: Mapping[str, Any], *, label: str) -> dict[str, Any]:
+def import_param_state(
+    param: torch.Tensor, saved: Mapping[str, Any], *, label: str, eight_bit: bool = False
+) -> dict[str, Any]:
     """One parameter's saved state as new tensors in our layout on the parameter's device.
 
-    Raises ``TypeError``/``ValueError`` naming the problem for a state that does
-    not fit the parameter; the saved tensors are never modified.
+    ``eight_bit`` says that the optimizer keeps this tensor's momentum in 8 bits
+    (``optim_bits == 8`` and at least ``min_8bit_size`` elements): float32
+    momentum is then quantized, with a warning. Raises ``TypeError``/``ValueError``
+    naming the problem for a state that does not fit the parameter or holds
+    NaN/Inf; the saved tensors are never modified.
     """
     if not isinstance(saved, Mapping):
         raise TypeError(f"{label}: state must be a dict, got {type(saved).__name__}")
+    saved = _unwrap(label, saved)
     unknown = set(saved) - CANONICAL_KEYS - _FOREIGN_KEYS
     if unknown:
         raise ValueError(
             f"{label}: state has keys {sorted(unknown)} that a LARS state does not have "
             "(is this checkpoint from another optimizer?)"
         )
+    _check_finite(label, saved)
     if bridge.is_dtensor(param):
         return _import_sharded(param, saved, label=label)
     device = param.device
@@ -171,6 +252,16 @@ def import_param_state(param: torch.Tensor, saved: Mapping[str, Any], *, label: 
             codes, absmax = _import_8bit(label, param, momentum, saved)
             out["state1"] = codes.to(device, copy=True).contiguous()
             out["absmax1"] = absmax.to(device, copy=True)
+        elif momentum.is_floating_point() and eight_bit:
+            warnings.warn(
+                f"{label}: float32 momentum loaded for a tensor this optimizer keeps in 8 bits; "
+                f"it is quantized to 8-bit blocks of {quantization.BLOCK_SIZE} (close, not bit-exact)",
+                stacklevel=3,
+            )
+            m32 = momentum.to("cpu", torch.float32).numpy()
+            codes, absmax = quantization.quantize_blockwise(np.ascontiguousarray(m32))
+            out["state1"] = torch.from_numpy(codes).reshape(momentum.shape).to(device)
+            out["absmax1"] = torch.from_numpy(absmax).to(device)
         elif momentum.is_floating_point():
             out["state1"] = momentum.to(device, torch.float32, copy=True).contiguous()
         else:
@@ -202,6 +293,15 @@ def _import_sharded(param: torch.Tensor, saved: Mapping[str, Any], *, label: str
                     f"{label}: state1 is {tuple(value.shape)} {value.placements}, the parameter "
                     f"{tuple(param.shape)} {param.placements}"
                 )
+            if key == "absmax1":
+                from .sharded import absmax_layout
+
+                shape, placements, _ = absmax_layout(param)
+                if value.shape != shape or list(value.placements) != placements:
+                    raise ValueError(
+                        f"{label}: absmax1 is {tuple(value.shape)} {value.placements}; with the "
+                        f"parameter's sharding it must be {tuple(shape)} {tuple(placements)}"
+                    )
             out[key] = value.detach().clone()
         elif key in ("step", "skipped"):
             out[key] = torch.tensor(_count(label, key, value), dtype=torch.int64, device=local_device)

@@ -517,7 +517,8 @@ class LARS(Optimizer):
         state = self.state[p]
         if state and not checkpoint.is_canonical(state):
             # Written directly (ZeroRedundancyOptimizer.load_state_dict does) in a foreign layout.
-            state = checkpoint.import_param_state(p, state, label=w.label)
+            is_8bit = w.optim_bits == 8 and p.numel() >= w.min_8bit_size
+            state = checkpoint.import_param_state(p, state, label=w.label, eight_bit=is_8bit)
             self.state[p] = state
         device = bridge.local_tensor(p).device
         for key, value in state.items():
@@ -703,20 +704,43 @@ class LARS(Optimizer):
             )
         )
         groups = []
+        # Whether each tensor's momentum is kept in 8 bits under the loaded hyperparameters
+        # (and per-tensor overrides), as _prepare_state would create it.
+        eight_bit: dict[int, bool] = {}
+        changed_bits: list[str] = []
+        manager = GlobalOptimManager.get_instance()
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             merged = checkpoint.import_param_group(saved, group, label=f"param group {i}")
-            _group_config(merged, None, f"loaded param group {i}")
+            _, group_bits, group_min_size = _group_config(merged, None, f"loaded param group {i}")
             groups.append(merged)
+            if merged["optim_bits"] != group["optim_bits"]:
+                # Saved hyperparameters win, as in torch; for optim_bits that changes the memory
+                # the optimizer holds, so it is said (a LARS8bit loading a LARS32bit checkpoint).
+                changed_bits.append(
+                    f"param group {i}: the checkpoint sets optim_bits={merged['optim_bits']} "
+                    f"(this optimizer had {group['optim_bits']}); loaded momentum keeps its format "
+                    "and new momentum follows the checkpoint"
+                )
+            for j, p in enumerate(merged["params"]):
+                override = manager.config_for(i, j, p)
+                bits, min_size = group_bits, group_min_size
+                if override:
+                    _, bits, min_size = _group_config(merged, override, f"loaded param group {i}")
+                eight_bit[id(p)] = bits == 8 and p.numel() >= min_size
         state: dict[Any, Any] = {}
         for key, value in state_dict["state"].items():
             if key in id_map:
                 p = id_map[key]
-                state[p] = checkpoint.import_param_state(p, value, label=f"state of parameter {key}")
+                state[p] = checkpoint.import_param_state(
+                    p, value, label=f"state of parameter {key}", eight_bit=eight_bit[id(p)]
+                )
             else:
                 state[key] = value  # kept as is, as torch does, for state not tied to a parameter
         new_state: defaultdict[Any, Any] = defaultdict(dict)
         new_state.update(state)
         self.__setstate__({"state": new_state, "param_groups": groups})
+        for message in changed_bits:
+            warnings.warn(message, stacklevel=2)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 

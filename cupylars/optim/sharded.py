@@ -18,9 +18,21 @@ of CPU shards or CuPy views of CUDA shards. Two all-reduces per step and
 process group cover every sharded tensor of the step. Every rank must step
 the same tensors in the same order, as FSDP2 guarantees.
 
-8-bit momentum is quantized in blocks of 256 elements of the rank's shard.
-When shards hold whole blocks (their sizes are multiples of 256) that is the
-unsharded blocking; otherwise the blocks differ, and so may the rounding.
+8-bit momentum is quantized in blocks of 256 elements of the rank's shard,
+with one ``absmax1`` entry per block, itself a DTensor sharded over the same
+mesh dimensions. Its layout says whether the blocks are the unsharded tensor's:
+
+- ``(blocks,)``, the unsharded layout, when every sharded placement is
+  ``Shard(0)`` and every rank's shard is the same whole number of blocks (FSDP2
+  with a first dimension divisible by the ranks and rows making whole blocks).
+  Gathered (``full_tensor``, or ``StateDictOptions(full_state_dict=True)``),
+  codes and scales are exactly those of an unsharded optimizer, and a
+  single-process optimizer loads them bit for bit.
+- ``(shards, blocks per shard)`` otherwise (uneven shards, padding, blocks
+  straddling shards, other shard dimensions). Gathered, the scales are in
+  rank order and do not say which dimension was sharded, so the state loads
+  only into a parameter sharded the same way; a single-process optimizer
+  refuses it with an error instead of pairing codes with the wrong scales.
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ from ..config import LarsConfig
 from ..formats import from_float32, to_float32
 from . import bridge
 
-__all__ = ["ShardedWork", "new_momentum_state", "sharded_step"]
+__all__ = ["ShardedWork", "absmax_layout", "new_momentum_state", "sharded_step"]
 
 
 @dataclass
@@ -75,26 +87,44 @@ def _max_local_numel(param: DTensor) -> tuple[int, int]:
     return math.prod(shape), shards
 
 
-def new_momentum_state(param: DTensor, is_8bit: bool) -> dict[str, DTensor]:
-    """Momentum tensors of a sharded parameter, sharded like it.
+def _blocks_are_unsharded(param: DTensor, shards: int, local_numel: int) -> bool:
+    """Whether the shards' 256-element blocks are the unsharded tensor's blocks, in order."""
+    if not all(p.is_replicate() or (type(p) is Shard and p.dim == 0) for p in param.placements):
+        return False
+    rows = param.shape[0] if param.dim() else 1
+    return rows % shards == 0 and local_numel % quantization.BLOCK_SIZE == 0
 
-    ``absmax1`` has as many entries per rank as the largest shard has blocks,
-    so it too is an evenly sharded DTensor (checkpoint tools save it as one).
+
+def absmax_layout(param: DTensor) -> tuple[torch.Size, list[Any], int]:
+    """Global shape and placements of a sharded 8-bit tensor's ``absmax1``, and blocks per rank.
+
+    Every rank holds as many entries as the largest shard has blocks, so the
+    DTensor is evenly sharded (checkpoint tools save it as one); see the module
+    docstring for the two layouts.
     """
+    numel, shards = _max_local_numel(param)
+    blocks = quantization.num_blocks(numel)
+    placements = [Shard(0) if p.is_shard() else Replicate() for p in param.placements]
+    if _blocks_are_unsharded(param, shards, numel):
+        return torch.Size([blocks * shards]), placements, blocks
+    return torch.Size([shards, blocks]), placements, blocks
+
+
+def new_momentum_state(param: DTensor, is_8bit: bool) -> dict[str, DTensor]:
+    """Momentum tensors of a sharded parameter, sharded like it."""
     if not is_8bit:
         return {"state1": torch.zeros_like(param, dtype=torch.float32)}
     codes = torch.full_like(param, quantization.ZERO_CODE, dtype=torch.uint8)
-    numel, shards = _max_local_numel(param)
-    blocks = quantization.num_blocks(numel)
-    local = torch.zeros(blocks, dtype=torch.float32, device=bridge.local_tensor(param).device)
-    placements = [Shard(0) if p.is_shard() else Replicate() for p in param.placements]
+    shape, placements, blocks = absmax_layout(param)
+    local_shape = (blocks,) if len(shape) == 1 else (1, blocks)
+    local = torch.zeros(local_shape, dtype=torch.float32, device=bridge.local_tensor(param).device)
     absmax = DTensor.from_local(
         local,
         param.device_mesh,
         placements,
         run_check=False,
-        shape=torch.Size([blocks * shards]),
-        stride=(1,),
+        shape=shape,
+        stride=torch.empty(shape, device="meta").stride(),
     )
     return {"state1": codes, "absmax1": absmax}
 
@@ -258,7 +288,8 @@ def _momentum_arrays(it: _Prepared) -> tuple[Any, Any]:
     if "absmax1" not in state:
         return codes, None
     n = codes.size
-    absmax = it.arrays(bridge.local_tensor(state["absmax1"]))
+    # (blocks,) or (1, blocks) per rank, depending on the layout: the same entries either way.
+    absmax = it.arrays(bridge.local_tensor(state["absmax1"])).reshape(-1)
     if absmax.size < quantization.num_blocks(n):
         raise ValueError(
             f"{it.work.label}: absmax1 holds {absmax.size} blocks per rank, the shard needs "
