@@ -88,8 +88,8 @@ inline T* address(const long long* row, int field) {
 // search, in two loads and a compare per element.
 struct CodeIndex {
   float book[256];
-  float threshold[256];    // threshold[i]: the largest x with code i (threshold[255] = +inf)
-  unsigned char base[65536];
+  float threshold[256];  // threshold[i]: the largest x with code i (threshold[255] = +inf)
+  int base[65536];       // the code of each key's smallest value
   int extra;
 };
 
@@ -129,11 +129,11 @@ void build_index(CodeIndex& ix, const float* map) {
     const float first = bits_float(key << 16), last = bits_float((key << 16) | 0xffffu);
     const float a = negative ? last : first, b = negative ? first : last;
     if (a != a || b != b) {  // NaN keys never reach the table
-      ix.base[key] = 255;
+      ix.base[key] = 255;  // NaN > threshold[255] is false: NaN codes as 255
       continue;
     }
     const int code_a = code_by_search(ix.book, a), code_b = code_by_search(ix.book, b);
-    ix.base[key] = static_cast<unsigned char>(code_a);
+    ix.base[key] = code_a;
     ix.extra = std::max(ix.extra, code_b - code_a);
   }
 }
@@ -141,9 +141,21 @@ void build_index(CodeIndex& ix, const float* map) {
 inline unsigned char nearest_code(const CodeIndex& ix, float x) {
   if (x != x) return 255;  // NaN sorts after every value (numpy's searchsorted)
   int code = ix.base[float_bits(x) >> 16];
-  code += x > ix.threshold[code] ? 1 : 0;
-  for (int k = 1; k < ix.extra; ++k) code += x > ix.threshold[code] ? 1 : 0;
+  for (int k = 0; k < ix.extra; ++k) code += x > ix.threshold[code] ? 1 : 0;
   return static_cast<unsigned char>(code);
+}
+
+// nearest_code over n values; branch-free (two loads and a compare per value)
+// when one compare suffices, as it does for the dynamic map.
+inline void nearest_codes(const CodeIndex& ix, const float* x, int n, unsigned char* out) {
+  if (ix.extra != 1) {
+    for (int k = 0; k < n; ++k) out[k] = nearest_code(ix, x[k]);
+    return;
+  }
+  for (int k = 0; k < n; ++k) {
+    const int code = ix.base[float_bits(x[k]) >> 16];  // NaN keys hold 255, and NaN > t is false
+    out[k] = static_cast<unsigned char>(code + (x[k] > ix.threshold[code] ? 1 : 0));
+  }
 }
 
 // ---- the thread pool ---------------------------------------------------------------------
@@ -228,6 +240,16 @@ Pool& pool() {
 // for every thread count. Past the end of the tensor a tile is zero-filled,
 // which adds exact zeros.
 constexpr int kLanes = 8;
+// Eight float64 lanes as one value (GCC/Clang vector extensions): lane l always
+// holds the elements k + l, whatever vector width the host has.
+typedef double Lanes __attribute__((vector_size(kLanes * sizeof(double))));
+typedef float Lanes32 __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline Lanes widen(const float* x) {
+  Lanes32 v;
+  std::memcpy(&v, x, sizeof v);
+  return __builtin_convertvector(v, Lanes);
+}
 
 template <int F, int M, bool kNeedP>
 void stats_chunk(const long long* row, long long start, long long end, const CodeIndex& ix, double* out) {
@@ -239,7 +261,7 @@ void stats_chunk(const long long* row, long long start, long long end, const Cod
   const unsigned char* __restrict__ codes = address<const unsigned char>(row, kFieldState);
   const float* __restrict__ absmax = address<const float>(row, kFieldAbsmax);
   constexpr bool kUseM = M != kNoState;
-  double acc[kSums][kLanes] = {};
+  Lanes acc[kSums] = {};
   alignas(64) float gv[kQBlock], pv[kQBlock], mv[kQBlock];
   for (long long tile = start; tile < end; tile += kQBlock) {
     const int count = static_cast<int>(std::min<long long>(kQBlock, end - tile));
@@ -255,23 +277,21 @@ void stats_chunk(const long long* row, long long start, long long end, const Cod
     for (int k = count; k < kQBlock; ++k) gv[k] = pv[k] = mv[k] = 0.0f;
     // float32 x float32 is exact in float64: only the accumulation rounds.
     for (int k = 0; k < kQBlock; k += kLanes) {
-      for (int l = 0; l < kLanes; ++l) {
-        const double gd = gv[k + l], pd = pv[k + l], md = mv[k + l];
-        acc[kGG][l] += gd * gd;
-        if (kNeedP) {
-          acc[kPP][l] += pd * pd;
-          acc[kGP][l] += gd * pd;
-        }
-        if (kUseM) {
-          acc[kMM][l] += md * md;
-          acc[kGM][l] += gd * md;
-          if (kNeedP) acc[kPM][l] += pd * md;
-        }
+      const Lanes gd = widen(gv + k), pd = widen(pv + k), md = widen(mv + k);
+      acc[kGG] += gd * gd;
+      if (kNeedP) {
+        acc[kPP] += pd * pd;
+        acc[kGP] += gd * pd;
+      }
+      if (kUseM) {
+        acc[kMM] += md * md;
+        acc[kGM] += gd * md;
+        if (kNeedP) acc[kPM] += pd * md;
       }
     }
   }
   for (int j = 0; j < kSums; ++j) {
-    const double* a = acc[j];
+    const Lanes& a = acc[j];
     out[j] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
   }
 }
@@ -307,16 +327,12 @@ void update_chunk(const long long* row, long long start, long long end, const Te
       p[i] = E::store(step_element<true>(cf, lam, mu, keep, kNesterov, kFirst, E::load(p[i]), E::load(g[i]), m[k]));
     }
     // The block's absmax (elements past the end are the zero padding of
-    // quantize_blockwise); a NaN anywhere makes it NaN, as numpy's max does.
-    float block_max = 0.0f;
-    bool has_nan = false;
-    for (int k = 0; k < count; ++k) {
-      const float a = fabsf(m[k]);
-      block_max = a > block_max ? a : block_max;
-      has_nan |= a != a;
-    }
-    if (has_nan)
-      for (int k = 0; k < count; ++k) block_max = nan_max(block_max, fabsf(m[k]));
+    // quantize_blockwise). Non-negative floats order as their bit patterns, so an
+    // integer max finds it (vectorised), and a NaN, whose pattern lies above every
+    // number's, makes it NaN, as numpy's max does.
+    unsigned int max_bits = 0;
+    for (int k = 0; k < count; ++k) max_bits = std::max(max_bits, float_bits(m[k]) & 0x7fffffffu);
+    const float block_max = bits_float(max_bits);
     absmax[tile / kQBlock] = block_max;
     if (block_max == 0.0f) {  // a zero block is all 127 (the map's 0.0)
       std::memset(codes + tile, 127, static_cast<size_t>(count));
@@ -325,7 +341,7 @@ void update_chunk(const long long* row, long long start, long long end, const Te
     const float safe = block_max > 0.0f ? block_max : 1.0f;  // NaN absmax: scale by 1, as the reference
     alignas(64) float x[kQBlock];
     for (int k = 0; k < count; ++k) x[k] = m[k] / safe;
-    for (int k = 0; k < count; ++k) codes[tile + k] = nearest_code(ix, x[k]);
+    nearest_codes(ix, x, count, codes + tile);
   }
 }
 

@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""One optimizer step on the CPU: cupylars against the LARS implementations people use.
+
+Every row steps its own copy of the same tensors (float32, momentum 0.9,
+weight decay 1e-4, the same gradients every step), and the rows take turns:
+each round times one step of every row, so a change in the machine's load
+hits all rows alike. Printed: the median milliseconds per step over the rounds
+and the ratio to ``torch.optim.SGD(foreach=True)`` on the same tensors, for
+ResNet-50's 161 parameter tensors (25.6M elements) and for one 10M-element
+tensor, at the machine's default thread count (torch's).
+
+Rows:
+
+* ``torch SGD foreach``: the baseline (no LARS at all);
+* ``cupylars LARS32bit`` / ``LARS8bit``: the torch adapter over the native CPU
+  backend (``max_unorm`` 0.02, as bitsandbytes' default);
+* ``bitsandbytes PytorchLARS`` (torch eager) and ``LARS32bit`` / ``LARS8bit``
+  (its CPU backend), when bitsandbytes is installed (``pip install
+  "cupylars[bench]"``);
+* ``foreach LARS (timm-style)``: the classic trust-ratio LARS over
+  ``torch._foreach_*`` ops, written here because timm needs torchvision.
+
+Then two lines about the machine: the bandwidth of a large multi-threaded copy
+measured in the same run, and the share of it our 32-bit step reaches on the
+10M tensor, counted at 32 bytes per element (p, g and m read twice, p and m
+written once: the norms must cover the whole tensor before anything changes).
+And one line about sharing the machine: a torch forward/backward timed alone
+and right after a cupylars step, so that threads of ours left spinning would
+show as a slower torch.
+
+Usage: ``python benchmarks/cpu_step.py [--rounds N]``. Takes a minute or two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import cupylars.optim as cl  # noqa: E402
+from gpu_step import resnet50_shapes  # noqa: E402
+
+LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 1e-4
+BYTES_PER_ELEMENT_32 = 32
+
+
+def _bnb():
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            import bitsandbytes  # prints about optional GPU kernels on import
+        return bitsandbytes
+    except ImportError:
+        return None
+
+
+class ForeachLars(torch.optim.Optimizer):
+    """The classic LARS step (trust ratio, momentum) over torch's foreach ops, timm-style."""
+
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float, trust: float = 1e-3):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust=trust))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+            p_norms = torch._foreach_norm(params)
+            g_norms = torch._foreach_norm(grads)
+            d = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            ratios = [
+                torch.where(
+                    (pn > 0) & (gn > 0), group["trust"] * pn / (gn + group["weight_decay"] * pn), 1.0
+                )
+                for pn, gn in zip(p_norms, g_norms)
+            ]
+            torch._foreach_mul_(d, ratios)
+            bufs = []
+            for p, di in zip(params, d):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = di.clone()
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, d)
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+
+
+def make_rows(shapes: list[tuple[int, ...]]) -> dict[str, torch.optim.Optimizer]:
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(s, generator=gen) * 0.05 for s in shapes]
+    grads = [torch.randn(s, generator=gen) * 0.01 for s in shapes]
+
+    def params() -> list[torch.nn.Parameter]:
+        out = []
+        for b, g in zip(base, grads):
+            p = torch.nn.Parameter(b.clone())
+            p.grad = g.clone()
+            out.append(p)
+        return out
+
+    hp = dict(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    rows: dict[str, torch.optim.Optimizer] = {
+        "torch SGD foreach": torch.optim.SGD(params(), foreach=True, **hp),
+        "cupylars LARS32bit": cl.LARS32bit(params(), **hp),
+        "cupylars LARS8bit": cl.LARS8bit(params(), **hp),
+    }
+    bnb = _bnb()
+    if bnb is not None:
+        from bitsandbytes.optim.lars import PytorchLARS
+
+        rows["bitsandbytes PytorchLARS"] = PytorchLARS(params(), **hp)
+        rows["bitsandbytes LARS32bit"] = bnb.optim.LARS32bit(params(), **hp)
+        rows["bitsandbytes LARS8bit"] = bnb.optim.LARS8bit(params(), **hp)
+    rows["foreach LARS (timm-style)"] = ForeachLars(params(), **hp)
+    return rows
+
+
+def interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: int = 2) -> dict[str, float]:
+    """Median milliseconds per call of each step, the steps taking turns round by round."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def copy_bandwidth(nbytes: int, rounds: int) -> float:
+    """GB/s of a multi-threaded copy (torch's), counting the bytes read and written."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    ms = interleaved({"copy": lambda: dst.copy_(src)}, rounds)["copy"]
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def table(title: str, results: dict[str, float]) -> None:
+    base = results["torch SGD foreach"]
+    print(f"\n{title}")
+    print(f"  {'optimizer':32s} {'ms/step':>9s} {'x SGD':>7s}")
+    for name, ms in results.items():
+        print(f"  {name:32s} {ms:9.2f} {ms / base:7.2f}")
+
+
+def sharing_line(rounds: int) -> None:
+    """A torch forward/backward alone, and right after a cupylars step (which must not slow it)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3, padding=1)
+    )
+    x = torch.randn(32, 3, 32, 32)
+    opt = cl.LARS32bit(
+        [torch.nn.Parameter(torch.randn(4_000_000) * 0.05)], lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
+    )
+    opt.param_groups[0]["params"][0].grad = torch.randn(4_000_000) * 0.01
+
+    def forward_backward() -> None:
+        model.zero_grad()
+        model(x).square().mean().backward()
+
+    alone, after = [], []
+    for _ in range(3):
+        forward_backward()
+        opt.step()
+    for _ in range(rounds):
+        start = time.perf_counter()
+        forward_backward()
+        alone.append(time.perf_counter() - start)
+        opt.step()
+        start = time.perf_counter()
+        forward_backward()
+        after.append(time.perf_counter() - start)
+    a, b = 1e3 * statistics.median(alone), 1e3 * statistics.median(after)
+    print(
+        f"\nsharing the machine: torch forward/backward {a:.2f} ms alone, {b:.2f} ms right after a "
+        f"cupylars step ({b / a:.2f}x)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.rounds} rounds")
+
+    shapes = resnet50_shapes()
+    rows = make_rows(shapes)
+    table(
+        f"ResNet-50 shapes ({len(shapes)} tensors, {sum(torch.Size(s).numel() for s in shapes) / 1e6:.1f}M)",
+        interleaved({name: opt.step for name, opt in rows.items()}, args.rounds),
+    )
+    print(f"  backend: {rows['cupylars LARS32bit'].backends.get('cpu', '?').split(':')[0]}")
+    del rows
+
+    n = 10_000_000
+    rows = make_rows([(n,)])
+    large = interleaved({name: opt.step for name, opt in rows.items()}, args.rounds)
+    table("one 10M tensor", large)
+    del rows
+
+    copy = copy_bandwidth(256 * 2**20, args.rounds)
+    ours = BYTES_PER_ELEMENT_32 * n / (large["cupylars LARS32bit"] * 1e-3) / 1e9
+    print(f"\nmemory: multi-threaded copy {copy:.1f} GB/s (read + write, 256 MiB)")
+    print(
+        f"        cupylars LARS32bit on 10M: {ours:.1f} GB/s at {BYTES_PER_ELEMENT_32} B/element "
+        f"= {ours / copy:.0%} of the copy"
+    )
+    sharing_line(args.rounds)
+
+
+if __name__ == "__main__":
+    main()
