@@ -89,7 +89,7 @@ inline T* address(const long long* row, int field) {
 struct CodeIndex {
   float book[256];
   float threshold[256];  // threshold[i]: the largest x with code i (threshold[255] = +inf)
-  int base[65536];       // the code of each key's smallest value
+  unsigned char base[65536];  // the code of each key's smallest value (64 KiB: stays in L2)
   int extra;
 };
 
@@ -133,7 +133,7 @@ void build_index(CodeIndex& ix, const float* map) {
       continue;
     }
     const int code_a = code_by_search(ix.book, a), code_b = code_by_search(ix.book, b);
-    ix.base[key] = code_a;
+    ix.base[key] = static_cast<unsigned char>(code_a);
     ix.extra = std::max(ix.extra, code_b - code_a);
   }
 }
