@@ -66,3 +66,13 @@ def test_module_help():
         check=True,
     )
     assert re.search(r"--batch-size", result.stdout) and "LARS8bit" in result.stdout
+    # One entry per option; each says its default at most once, and never a meaningless one.
+    entries = re.split(r"\n  (?=-)", result.stdout.split("options:", 1)[1])[1:]
+    assert len(entries) == len(demo.build_parser()._actions)
+    for entry in entries:
+        text = " ".join(entry.split())
+        assert text.count("default") <= 1, text
+        assert "(default: None)" not in text and "(default: False)" not in text, text
+    flat = " ".join(result.stdout.split())
+    assert "--device DEVICE torch device (default: cuda when available, else cpu)" in flat
+    assert "--lr LR peak learning rate of the LARS optimizers (default: 4.0)" in flat
