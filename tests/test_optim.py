@@ -532,7 +532,8 @@ def test_nonfinite_policies():
     for p, g in zip(params, grads):
         p.grad = g
     before = [p.detach().clone() for p in params]
-    opt.step()  # "skip": the NaN tensor is skipped and counted, the other one steps
+    with pytest.warns(RuntimeWarning, match="steps skipped so far: 0: 1"):
+        opt.step()  # "skip": the NaN tensor is skipped, counted and reported; the other one steps
     assert torch.equal(params[0].detach(), before[0]) and not torch.equal(params[1].detach(), before[1])
     assert int(opt.state[params[0]]["skipped"]) == 1 and int(opt.state[params[0]]["step"]) == 0
     assert int(opt.state[params[1]]["step"]) == 1
