@@ -2,6 +2,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 from hypothesis import settings
 
 # tests import their helpers (spec64, lars_cases) as top-level modules
@@ -12,3 +13,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+@pytest.fixture(autouse=True)
+def _torch_thread_count_is_restored():
+    # torch's CPU results depend on its thread count in the last bits, and some tests compare
+    # bit for bit with a subprocess that starts with the default count: a test that leaves
+    # another count behind would make later tests depend on the order they run in.
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    yield
+    if before is not None and torch.get_num_threads() != before:
+        after = torch.get_num_threads()
+        torch.set_num_threads(before)
+        pytest.fail(f"the test changed torch's thread count from {before} to {after} without restoring it")

@@ -66,3 +66,34 @@ def test_module_help():
         check=True,
     )
     assert re.search(r"--batch-size", result.stdout) and "LARS8bit" in result.stdout
+    # One entry per option; each says its default at most once, and never a meaningless one.
+    entries = re.split(r"\n  (?=-)", result.stdout.split("options:", 1)[1])[1:]
+    assert len(entries) == len(demo.build_parser()._actions)
+    for entry in entries:
+        text = " ".join(entry.split())
+        assert text.count("default") <= 1, text
+        assert "(default: None)" not in text and "(default: False)" not in text, text
+    flat = " ".join(result.stdout.split())
+    assert "--device DEVICE torch device (default: cuda when available, else cpu)" in flat
+    assert "--lr LR peak learning rate of the LARS optimizers (default: 4.0)" in flat
+
+
+def test_batch_norm_statistics_are_recomputed_from_current_weights():
+    torch.manual_seed(0)
+    model = demo.make_model(8)
+    x = torch.from_numpy(demo.make_dataset(200, seed=5)[0])
+    bn = model[1]
+    bn.running_mean.fill_(5.0)  # stale statistics, as after fast weight changes
+    bn.running_var.fill_(9.0)
+    weights = [p.detach().clone() for p in model.parameters()]
+    demo._refresh_batch_norm(model, x, batch_size=64, batches=2)
+    # Independently: the first conv's output on the two batches, per channel; the cumulative
+    # average of per-batch statistics (batch norm's running variance is unbiased).
+    with torch.no_grad():
+        batches = [model[0](x[:64]), model[0](x[64:128])]
+    means = torch.stack([b.mean(dim=(0, 2, 3)) for b in batches]).mean(0)
+    variances = torch.stack([b.var(dim=(0, 2, 3), unbiased=True) for b in batches]).mean(0)
+    torch.testing.assert_close(bn.running_mean, means, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, variances, rtol=1e-5, atol=1e-6)
+    assert bn.momentum == 0.1 and model[5].momentum == 0.1  # restored for training
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))

@@ -14,6 +14,8 @@ import os
 import socket
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,9 @@ from cupylars.optim import LARS8bit, LARS32bit  # noqa: E402
 
 WORLD = 2
 STEPS = 3
+# torch's CPU kernels split reductions (a matmul's gradient) by thread, so a gradient's last
+# bits depend on the thread count: the workers and the single-process reference use the same.
+THREADS = 1
 # 8-bit for the 80x64 weight (5120 elements; a 40-row shard is 10 whole blocks of 256).
 HYPER8 = dict(lr=0.2, momentum=0.9, weight_decay=1e-3, min_8bit_size=1000)
 # Every reduced norm in play: percentile clipping, trust ratio and update-norm clipping.
@@ -62,7 +67,7 @@ def _worker(rank: int, port: int, outdir: str) -> None:
     os.environ["MASTER_PORT"] = str(port)
     if Path("/sys/class/net/lo").exists():
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # keep gloo on the loopback interface
-    torch.set_num_threads(1)
+    torch.set_num_threads(THREADS)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     try:
         from torch.distributed.device_mesh import init_device_mesh
@@ -126,10 +131,22 @@ def ranks(tmp_path_factory):
     return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    # Restored afterwards: other tests compare against subprocesses that use torch's default.
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def single_process(cls, hyper):
-    model = make_model()
-    opt = cls(model.parameters(), **hyper)
-    train(model, opt)
+    with torch_threads(THREADS):
+        model = make_model()
+        opt = cls(model.parameters(), **hyper)
+        train(model, opt)
     return snapshot(model), opt, model
 
 

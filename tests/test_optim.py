@@ -532,7 +532,8 @@ def test_nonfinite_policies():
     for p, g in zip(params, grads):
         p.grad = g
     before = [p.detach().clone() for p in params]
-    opt.step()  # "skip": the NaN tensor is skipped and counted, the other one steps
+    with pytest.warns(RuntimeWarning, match="steps skipped so far: 0: 1"):
+        opt.step()  # "skip": the NaN tensor is skipped, counted and reported; the other one steps
     assert torch.equal(params[0].detach(), before[0]) and not torch.equal(params[1].detach(), before[1])
     assert int(opt.state[params[0]]["skipped"]) == 1 and int(opt.state[params[0]]["step"]) == 0
     assert int(opt.state[params[1]]["step"]) == 1
@@ -888,3 +889,114 @@ def test_cuda_tensors_match_cpu(cls, dtype):
     for c, g, m in zip(cpu, gpu, mixed):
         torch.testing.assert_close(g.detach().cpu().float(), c.detach().float(), rtol=1e-2, atol=1e-3)
         torch.testing.assert_close(m.detach().cpu().float(), c.detach().float(), rtol=1e-2, atol=1e-3)
+
+
+# -- the fixed-bits classes' errors and the skip report ----------------------------------
+
+
+@pytest.mark.parametrize("cls", [LARS8bit, LARS32bit])
+def test_fixed_bits_classes_name_themselves_in_argument_errors(cls):
+    params = [torch.nn.Parameter(torch.randn(3))]
+    with pytest.raises(TypeError, match=rf"^{cls.__name__}\(\): missing a required argument: 'lr'$"):
+        cls(params)
+    with pytest.raises(TypeError, match=rf"^{cls.__name__}\(\): got an unexpected keyword argument 'betas'$"):
+        cls(params, lr=0.1, betas=(0.9, 0.0))
+    other = "LARS32bit" if cls is LARS8bit else "LARS8bit"
+    bits = 8 if cls is LARS8bit else 32
+    for value in (8, 32):
+        with pytest.raises(TypeError) as info:
+            cls(params, lr=0.1, optim_bits=value)
+        message = str(info.value)
+        assert message.startswith(f"{cls.__name__} fixes the bit width of its momentum at {bits}")
+        assert f"optim_bits={value}" in message and f"use {other}" in message and "LARS(" in message
+    # optim_bits given positionally lands on args (as in bitsandbytes): refused, not ignored
+    with pytest.raises(TypeError, match="args must be an object"):
+        cls(params, 0.1, 0.9, 0, 0, False, 32)
+
+
+def test_fixed_bits_classes_bind_every_argument():
+    params = [torch.nn.Parameter(torch.randn(3))]
+    args = type("Args", (), {"percentile_clipping": 7})()
+    opt = LARS8bit(params, 0.1, 0.9, 0.1, 1e-3, False, args, 10, 50, 0.5, eps=1e-6, foreach=False)
+    group = opt.param_groups[0]
+    assert [group[k] for k in ("lr", "momentum", "dampening", "weight_decay")] == [0.1, 0.9, 0.1, 1e-3]
+    assert (group["min_8bit_size"], group["percentile_clipping"], group["max_unorm"]) == (10, 7, 0.5)
+    assert (group["optim_bits"], group["eps"], group["foreach"]) == (8, 1e-6, False)
+    assert LARS32bit(params, lr=0.2).param_groups[0]["optim_bits"] == 32
+
+
+def _nan_at(params, steps_with_nan, steps):
+    """Gradients for ``steps`` steps; params[0]'s holds a NaN at the steps listed."""
+    out = []
+    for k in range(steps):
+        grads = make_grads(params, k)
+        if k in steps_with_nan:
+            grads[0][0] = float("nan")
+        out.append(grads)
+    return out
+
+
+def _step_and_catch(opt, params, grads):
+    """Which steps (0-based) warned, and their messages."""
+    warned = []
+    for k, gs in enumerate(grads):
+        for p, g in zip(params, gs):
+            p.grad = g
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        warned += [(k, str(w.message)) for w in caught if issubclass(w.category, RuntimeWarning)]
+    return warned
+
+
+def test_a_skip_warns_once_at_the_next_look():
+    params = make_params(shapes=[(300,), (200,)])
+    opt = LARS32bit(params, lr=0.1, momentum=0.9)
+    # The counters are read after steps 1, 2, 4, ..., 64 and then every skip_check_interval steps:
+    # a NaN at step 5 (k = 4) is found after step 8, and the warning is not repeated.
+    warned = _step_and_catch(opt, params, _nan_at(params, {4, 9}, 12))
+    assert [k for k, _ in warned] == [7]
+    message = warned[0][1]
+    assert message.startswith("LARS32bit skipped the update of tensors whose gradient held NaN or Inf")
+    assert "steps skipped so far: 0: 1." in message and "skipped_steps()" in message
+    assert opt.skipped_steps() == {0: 2, 1: 0}
+    assert int(opt.state[params[0]]["step"]) == 10 and int(opt.state[params[1]]["step"]) == 12
+
+
+def test_skip_checks_follow_the_interval_and_never_warn_without_skips(monkeypatch):
+    params = make_params(shapes=[(300,), (200,)])
+    opt = LARS32bit(params, lr=0.1, momentum=0.9)
+    opt.skip_check_interval = 3
+    looks = []
+    original = LARS32bit.skipped_steps
+
+    def counting(self):
+        looks.append(self._steps_run)
+        return original(self)
+
+    monkeypatch.setattr(LARS32bit, "skipped_steps", counting)
+    assert _step_and_catch(opt, params, _nan_at(params, set(), 10)) == []
+    assert looks == [1, 2, 3, 4, 6, 8, 9]  # powers of two up to 64, and multiples of 3
+
+
+def test_skipped_steps_are_keyed_by_name_when_groups_carry_names():
+    model = torch.nn.Linear(4, 3)
+    opt = LARS8bit(model.named_parameters(), lr=0.1)
+    model.weight.grad = torch.full((3, 4), float("inf"))
+    model.bias.grad = torch.ones(3)
+    with pytest.warns(RuntimeWarning, match="'weight': 1"):
+        opt.step()
+    assert opt.skipped_steps() == {"weight": 1, "bias": 0}
+
+
+def test_loaded_skips_are_not_reported_again():
+    params = make_params(shapes=[(300,), (200,)])
+    opt = LARS32bit(params, lr=0.1)
+    assert len(_step_and_catch(opt, params, _nan_at(params, {0}, 1))) == 1
+    twin = LARS32bit([torch.nn.Parameter(p.detach().clone()) for p in params], lr=0.1)
+    twin.load_state_dict(opt.state_dict())
+    twin_params = twin.param_groups[0]["params"]
+    assert twin.skipped_steps() == {0: 1, 1: 0}
+    assert _step_and_catch(twin, twin_params, _nan_at(params, set(), 2)) == []  # old skips: no warning
+    warned = _step_and_catch(twin, twin_params, _nan_at(params, {0}, 2))  # a new one warns
+    assert [k for k, _ in warned] == [1] and "0: 2" in warned[0][1]  # found after step 4

@@ -13,6 +13,15 @@ zero-copy NumPy views. See docs/torch.md.
 
 from __future__ import annotations
 
+try:
+    import torch  # noqa: F401
+except ModuleNotFoundError as _exc:
+    if _exc.name != "torch":
+        raise  # torch is there but something it needs is not: that error says what
+    raise ImportError(
+        'cupylars.optim needs torch, which is not installed: pip install "cupylars[torch]"'
+    ) from _exc
+
 from .lars import LARS, LARS8bit, LARS32bit
 from .manager import GlobalOptimManager
 from .recipes import exclude_bias_and_norm

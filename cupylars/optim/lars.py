@@ -2,6 +2,7 @@ r"""torch.optim LARS optimizers backed by :mod:`cupylars.functional`."""
 
 from __future__ import annotations
 
+import inspect
 import sys
 import warnings
 from collections import defaultdict
@@ -27,6 +28,9 @@ __all__ = ["HYPERPARAMETERS", "LARS", "LARS8bit", "LARS32bit"]
 
 # Attributes of bitsandbytes' ``args`` object that override the keyword arguments.
 _ARGS_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "max_unorm")
+# Values that cannot be an ``args`` object: most likely optim_bits given positionally to a
+# fixed-bits class, whose seventh positional argument is ``args``.
+_NOT_ARGS = (bool, int, float, str, bytes)
 
 _DOC = r"""Implements LARS with {bits}momentum state: {summary}
 
@@ -71,7 +75,8 @@ _DOC = r"""Implements LARS with {bits}momentum state: {summary}
         trust_clip: LARC clipping of the trust ratio (keyword only).
         eps: :math:`\epsilon` of the trust ratio (keyword only).
         nonfinite: a tensor whose gradient holds NaN/Inf is ``"skip"``-ped
-            (``state["skipped"]`` counts it), or the step ``"raise"``-s
+            (``state["skipped"]`` counts it, :meth:`skipped_steps` reports it,
+            and the optimizer warns once, see below), or the step ``"raise"``-s
             ``FloatingPointError`` before updating anything, or ``"propagate"``-s
             (keyword only).
         foreach: ``None``/``True`` updates the tensors of one device, format and
@@ -86,6 +91,14 @@ _DOC = r"""Implements LARS with {bits}momentum state: {summary}
 
     :attr:`backends` maps each device to the backend that updated it at the
     last step, and why.
+
+    Skipped tensors are reported without reading the device at every step:
+    the skip counters are read on the host after steps 1, 2, 4, ..., 64 and
+    then every :attr:`skip_check_interval` steps (100; one device sync per
+    look on CUDA, none in between), and the first look that finds a new skip
+    issues one ``RuntimeWarning`` naming the tensors. A skip is thus reported
+    up to ``skip_check_interval`` steps late; :meth:`skipped_steps` reads the
+    counters at any time.
     """
 
 
@@ -172,6 +185,10 @@ def _read_args(args: Any) -> dict[str, Any]:
 
 
 class LARS(Optimizer):
+    #: Steps between two looks at the skip counters once 64 steps have run (see the class
+    #: docstring); an instance may set its own, 1 looks after every step.
+    skip_check_interval: int = 100
+
     __doc__ = _DOC.format(
         bits="",
         summary="32-bit, or 8-bit blockwise for tensors of at least ``min_8bit_size`` "
@@ -206,6 +223,12 @@ class LARS(Optimizer):
             "max_unorm": max_unorm,
         }
         if args is not None:
+            if isinstance(args, _NOT_ARGS):
+                raise TypeError(
+                    f"{type(self).__name__}: args must be an object whose attributes override "
+                    f"{', '.join(_ARGS_KEYS)} (as bitsandbytes' args), got {type(args).__name__} "
+                    f"{args!r}; the bit width is optim_bits=... of LARS, or the class LARS8bit / LARS32bit"
+                )
             options.update(_read_args(args))
         defaults = {
             "lr": lr,
@@ -236,6 +259,11 @@ class LARS(Optimizer):
         self._plans: list[_GroupPlan] | None = None
         #: Device -> the backend that updated its tensors at the last step, and why.
         self.backends: dict[str, str] = {}
+        # The skip warning: steps since (re)initialisation, the skips already known then, and
+        # whether it was issued.
+        self._steps_run = 0
+        self._skips_known = 0
+        self._skip_warned = False
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -274,6 +302,7 @@ class LARS(Optimizer):
                 loss = closure()
 
         if self._fast_step():
+            self._look_for_skips()
             return loss
         self._plans = None  # rebuilt below once this step has succeeded
         work = self._collect()
@@ -302,7 +331,61 @@ class LARS(Optimizer):
         torch.autograd.graph.increment_version([bridge.local_tensor(w.param) for w in work])
         if not shards:
             self._plans = self._plan_groups(work)
+        self._look_for_skips()
         return loss
+
+    # -- skipped tensors -------------------------------------------------------------
+
+    def skipped_steps(self) -> dict[str | int, int]:
+        """How many steps each tensor skipped for a non-finite gradient (``nonfinite="skip"``).
+
+        Keys are the parameters' names where the param groups carry them
+        (``param_names``), else their indices in :meth:`state_dict`; every
+        tensor with state is listed, 0 included. Reads the ``skipped``
+        counters: one host transfer per device (a sync on CUDA).
+        """
+        keys: list[str | int] = []
+        counters: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+        index = 0
+        for group in self.param_groups:
+            names = group.get("param_names")
+            for pi, p in enumerate(group["params"]):
+                counter = self.state.get(p, {}).get("skipped")
+                if isinstance(counter, torch.Tensor):
+                    counter = bridge.local_tensor(counter)
+                    counters.setdefault(counter.device, []).append((len(keys), counter))
+                    keys.append(names[pi] if names else index)
+                index += 1
+        counts = [0] * len(keys)
+        for items in counters.values():
+            values = torch.stack([c.reshape(()) for _, c in items]).tolist()
+            for (k, _), value in zip(items, values):
+                counts[k] = int(value)
+        return dict(zip(keys, counts))
+
+    def _look_for_skips(self) -> None:
+        """Warn once when a tensor was skipped, reading the counters only now and then."""
+        if self._skip_warned:
+            return
+        self._steps_run += 1
+        n = self._steps_run
+        early = n <= 64 and n & (n - 1) == 0  # steps 1, 2, 4, ..., 64: a bad start shows at once
+        if not (early or n % self.skip_check_interval == 0):
+            return
+        skipped = {k: v for k, v in self.skipped_steps().items() if v}
+        if sum(skipped.values()) <= self._skips_known:
+            return
+        self._skip_warned = True
+        listed = ", ".join(f"{k!r}: {v}" for k, v in list(skipped.items())[:8])
+        more = f" and {len(skipped) - 8} more tensors" if len(skipped) > 8 else ""
+        warnings.warn(
+            f"{type(self).__name__} skipped the update of tensors whose gradient held NaN or Inf "
+            f"(nonfinite='skip'); steps skipped so far: {listed}{more}. skipped_steps() reads the "
+            "counts; nonfinite='raise' stops at the first one. This warning is issued once per optimizer.",
+            RuntimeWarning,
+            # The user's step() call: above this, step, torch.no_grad's wrapper and Optimizer's hooks.
+            stacklevel=5,
+        )
 
     # -- the fast step ---------------------------------------------------------------
 
@@ -741,6 +824,8 @@ class LARS(Optimizer):
         self.__setstate__({"state": new_state, "param_groups": groups})
         for message in changed_bits:
             warnings.warn(message, stacklevel=2)
+        # Skips recorded in the checkpoint were reported (or not) by the optimizer that made it.
+        self._skips_known = sum(self.skipped_steps().values())
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -790,47 +875,78 @@ def _group_config(
     return cfg, optim_bits, min_8bit_size
 
 
+def _fixed_bits_init(
+    self: LARS,
+    params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+    lr: float | torch.Tensor,
+    momentum: float = 0,
+    dampening: float = 0,
+    weight_decay: float = 0,
+    nesterov: bool = False,
+    args: Any = None,
+    min_8bit_size: int = 4096,
+    percentile_clipping: int = 100,
+    max_unorm: float = 0.02,
+    *,
+    trust_coefficient: float = 0.0,
+    trust_clip: bool = False,
+    eps: float = 1e-8,
+    nonfinite: str = "skip",
+    foreach: bool | None = None,
+) -> None:
+    """The signature of LARS8bit and LARS32bit: bitsandbytes' LARS less optim_bits."""
+
+
+_FIXED_BITS_SIGNATURE = inspect.signature(_fixed_bits_init)
+# What inspect.signature shows for the classes: the same without self.
+_FIXED_BITS_CLASS_SIGNATURE = _FIXED_BITS_SIGNATURE.replace(
+    parameters=list(_FIXED_BITS_SIGNATURE.parameters.values())[1:],
+    return_annotation=inspect.Signature.empty,
+)
+
+
 class _FixedBitsLARS(LARS):
-    """LARS with ``optim_bits`` fixed by the subclass (bitsandbytes' signature less optim_bits)."""
+    """LARS with ``optim_bits`` fixed by the subclass (bitsandbytes' signature less optim_bits).
+
+    The arguments are bound here rather than by Python so that a wrong call names the
+    public class (LARS8bit, LARS32bit) instead of this shared base.
+    """
 
     _OPTIM_BITS: int
+    __signature__ = _FIXED_BITS_CLASS_SIGNATURE
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float | torch.Tensor,
-        momentum: float = 0,
-        dampening: float = 0,
-        weight_decay: float = 0,
-        nesterov: bool = False,
-        args: Any = None,
-        min_8bit_size: int = 4096,
-        percentile_clipping: int = 100,
-        max_unorm: float = 0.02,
-        *,
-        trust_coefficient: float = 0.0,
-        trust_clip: bool = False,
-        eps: float = 1e-8,
-        nonfinite: str = "skip",
-        foreach: bool | None = None,
-    ) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        name = type(self).__name__
+        if "optim_bits" in kwargs:
+            other = 32 if self._OPTIM_BITS == 8 else 8
+            raise TypeError(
+                f"{name} fixes the bit width of its momentum at {self._OPTIM_BITS} and takes no "
+                f"optim_bits argument (got optim_bits={kwargs['optim_bits']!r}); use "
+                f"LARS{other}bit for {other}-bit momentum, or LARS(..., optim_bits=...) to choose"
+            )
+        try:
+            bound = _FIXED_BITS_SIGNATURE.bind(self, *args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{name}(): {exc}") from None
+        bound.apply_defaults()
+        a = bound.arguments
         super().__init__(
-            params,
-            lr,
-            momentum,
-            dampening,
-            weight_decay,
-            nesterov,
+            a["params"],
+            a["lr"],
+            a["momentum"],
+            a["dampening"],
+            a["weight_decay"],
+            a["nesterov"],
             self._OPTIM_BITS,
-            args,
-            min_8bit_size,
-            percentile_clipping,
-            max_unorm,
-            trust_coefficient=trust_coefficient,
-            trust_clip=trust_clip,
-            eps=eps,
-            nonfinite=nonfinite,
-            foreach=foreach,
+            a["args"],
+            a["min_8bit_size"],
+            a["percentile_clipping"],
+            a["max_unorm"],
+            trust_coefficient=a["trust_coefficient"],
+            trust_clip=a["trust_clip"],
+            eps=a["eps"],
+            nonfinite=a["nonfinite"],
+            foreach=a["foreach"],
         )
 
 
