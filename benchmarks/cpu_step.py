@@ -48,8 +48,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import cupylars.optim as cl  # noqa: E402
 from gpu_step import resnet50_shapes  # noqa: E402
+
+import cupylars.optim as cl  # noqa: E402
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 1e-4
 BYTES_PER_ELEMENT_32 = 32
@@ -163,10 +164,9 @@ def sharing_line(rounds: int) -> None:
         torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3, padding=1)
     )
     x = torch.randn(32, 3, 32, 32)
-    opt = cl.LARS32bit(
-        [torch.nn.Parameter(torch.randn(4_000_000) * 0.05)], lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
-    )
-    opt.param_groups[0]["params"][0].grad = torch.randn(4_000_000) * 0.01
+    weight = torch.nn.Parameter(torch.randn(4_000_000) * 0.05)
+    weight.grad = torch.randn(4_000_000) * 0.01
+    opt = cl.LARS32bit([weight], lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
     def forward_backward() -> None:
         model.zero_grad()
