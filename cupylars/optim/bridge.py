@@ -3,12 +3,13 @@
 Each device of an optimizer's parameters gets a :class:`DeviceBackend`:
 
 * ``cpu``: NumPy views of the tensors (``tensor.numpy()``), updated in place by
-  the NumPy reference (or by the emulated kernels inside
-  ``cupylars.testing.emulated_cuda()``).
+  the native CPU backend (or whichever host backend :mod:`cupylars.backends`
+  selects: the NumPy reference with ``CUPYLARS_BACKEND=reference``, the
+  emulated kernels inside ``cupylars.testing.emulated_cuda()``).
 * ``cuda``: CuPy views through DLPack (``cupy.from_dlpack``), updated by the
   CUDA kernels on torch's current stream of that device.
-* anything else, or ``cuda`` without an importable CuPy: host copies updated by
-  the NumPy reference and copied back. Correct but slow, so it warns once and
+* anything else, or ``cuda`` without an importable CuPy: host copies updated on
+  the host and copied back. Correct but slow, so it warns once and
   says why; :attr:`cupylars.optim.LARS.backends` records it too.
 
 bfloat16 has no NumPy or CuPy dtype: bfloat16 tensors travel as ``uint16``
@@ -24,6 +25,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+from ..state import HISTORY_SIZE, UNRECORDED
 
 __all__ = [
     "DeviceBackend",
@@ -99,7 +102,7 @@ class DeviceBackend:
         """A history array for states that keep none (never written without clipping)."""
         import numpy as np
 
-        return np.full(100, -1.0, dtype=np.float32)
+        return np.full(HISTORY_SIZE, UNRECORDED, dtype=np.float32)
 
     def describe(self) -> str:
         return f"{self.name}: {self.reason}"
@@ -131,11 +134,11 @@ class _CupyBackend(DeviceBackend):
 
     def scratch_history(self) -> Any:
         with self.context():
-            return self._cupy.full(100, -1.0, dtype=self._cupy.float32)
+            return self._cupy.full(HISTORY_SIZE, UNRECORDED, dtype=self._cupy.float32)
 
 
 class _HostCopyBackend(DeviceBackend):
-    name = "reference (host copy)"
+    name = "host copy"
     zero_copy = False
 
     def stage(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
@@ -178,11 +181,11 @@ def backend_for_device(device: torch.device) -> DeviceBackend:
             return _CupyBackend(device, "CuPy views through DLPack on torch's current stream", cupy)
         return _HostCopyBackend(
             device,
-            f"{why_not}; {device} tensors are copied to the host, updated by the NumPy "
-            "reference and copied back (slow: install cupy-cuda12x or cupy-cuda13x)",
+            f"{why_not}; {device} tensors are copied to the host, updated there and copied back "
+            "(slow: install cupy-cuda12x or cupy-cuda13x)",
         )
     return _HostCopyBackend(
         device,
         f"cupylars has no kernels for device type {device.type!r}; {device} tensors are copied "
-        "to the host, updated by the NumPy reference and copied back (slow)",
+        "to the host, updated there and copied back (slow)",
     )

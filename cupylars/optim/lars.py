@@ -750,7 +750,8 @@ class LARS(Optimizer):
         _run(params, grads, states, cfg, dtype, foreach)
         for tensor, host in written:
             backend.commit(tensor, host)
-        self.backends[str(backend.device)] = backend.describe()
+        chosen = F.backend_for(params[:1])
+        self.backends[str(backend.device)] = f"{chosen.name}: {chosen.reason}; {backend.describe()}"
 
     # -- checkpoints -----------------------------------------------------------------
 
