@@ -9,12 +9,31 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
-__all__ = ["NONFINITE_POLICIES", "LarsConfig", "validate_min_8bit_size", "validate_optim_bits"]
+__all__ = [
+    "NONFINITE_POLICIES",
+    "LarsConfig",
+    "nonfinite_error",
+    "validate_min_8bit_size",
+    "validate_optim_bits",
+]
 
-#: What a step does with a gradient holding NaN or Inf.
+#: What a step does with a gradient holding NaN or Inf: ``skip`` leaves that tensor
+#: and its state as they were and counts the skip; ``raise`` checks every gradient
+#: of the step first and raises :func:`nonfinite_error` before anything is written;
+#: ``propagate`` applies the step as it comes.
 NONFINITE_POLICIES = ("skip", "raise", "propagate")
+
+
+def nonfinite_error(where: Sequence[int] | Sequence[str]) -> FloatingPointError:
+    """The error of ``nonfinite='raise'``: every offending tensor by index or label."""
+    if all(isinstance(w, int) for w in where):
+        names = f"tensor(s) {list(where)}"
+    else:
+        names = ", ".join(map(str, where))
+    return FloatingPointError(f"non-finite gradient in {names}; nothing was updated")
 
 
 def _real(name: str, value: object) -> float:

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import native, quantization
 from . import plan as tables
-from .config import NONFINITE_POLICIES, LarsConfig
+from .config import NONFINITE_POLICIES, LarsConfig, nonfinite_error
 from .state import LarsState
 
 __all__ = ["CpuBackend", "array_address", "num_threads"]
@@ -153,7 +153,7 @@ class CpuBackend:
                 states[i].momentum = states[i].codes = states[i].absmax = None
             gg = partials.reshape(-1, tables.SUMS)[:, 0]
             bad = sorted({int(i) for i in host.block_owner[~np.isfinite(gg)]})
-            raise FloatingPointError(f"non-finite gradient in tensor(s) {bad}; nothing was updated")
+            raise nonfinite_error(bad)
         for i, original in staged:
             original[...] = params[i]
 

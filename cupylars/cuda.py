@@ -42,7 +42,7 @@ import numpy as np
 from . import plan as tables
 from . import quantization
 from ._paths import kernel_dir
-from .config import NONFINITE_POLICIES, LarsConfig
+from .config import NONFINITE_POLICIES, LarsConfig, nonfinite_error
 from .plan import (
     COEF_WORDS,
     FORMAT_NAMES,
@@ -418,7 +418,7 @@ class CudaBackend:
             gg = rt.download(scratch.partials[: plan.num_blocks * SUMS]).reshape(-1, SUMS)[:, 0]
             bad = sorted({int(i) for i in plan.host.block_owner[~np.isfinite(gg)]})
             if bad:
-                raise FloatingPointError(f"non-finite gradient in tensor(s) {bad}; nothing was updated")
+                raise nonfinite_error(bad)
             if uses_m and not checked.has_momentum:
                 for i in live:
                     states[i].ensure_momentum(rt.xp)

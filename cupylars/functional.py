@@ -161,13 +161,15 @@ def lars_update_many(
     grads: Sequence[Any],
     states: Sequence[LarsState],
     *,
+    config: LarsConfig | None = None,
     dtype: str | None = None,
     backend: str | None = None,
     **hyperparameters: Any,
 ) -> None:
     """:func:`lars_update` over a list of tensors in one call.
 
-    Takes the keyword arguments of :func:`lars_update`. Each tensor is its own
+    Takes the keyword arguments of :func:`lars_update`, or a validated
+    :class:`LarsConfig` as ``config`` (then no hyperparameter keywords). Each tensor is its own
     layer (its own norms and trust ratio). On CuPy arrays the whole list costs
     a constant number of kernel launches. Everything is validated before any
     tensor is touched; with ``nonfinite='raise'`` no tensor is updated when any
@@ -180,7 +182,14 @@ def lars_update_many(
     parameters' type, dtype and shape. A state's arrays changed in place
     (reshaped, made read-only) are not seen: assign them instead.
     """
-    cfg = LarsConfig(**hyperparameters)
+    if config is None:
+        cfg = LarsConfig(**hyperparameters)
+    elif hyperparameters:
+        raise TypeError(f"pass either config or hyperparameters, not both (got {sorted(hyperparameters)})")
+    elif not isinstance(config, LarsConfig):
+        raise TypeError(f"config must be a LarsConfig, got {type(config).__name__}")
+    else:
+        cfg = config
     tensors = None
     if not _plain_arrays(params) or not _plain_arrays(grads):
         tensors = [p for p in params if type(p).__module__.split(".")[0] == "torch"]

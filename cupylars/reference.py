@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from . import quantization
-from .config import LarsConfig
+from .config import LarsConfig, nonfinite_error
 from .formats import from_float32, to_float32
 from .state import HISTORY_SIZE, LarsState
 
@@ -179,7 +179,7 @@ def update_many(
     finite = [cfg.nonfinite == "propagate" or grad_is_finite(g, f) for g, f in zip(grads, formats)]
     if cfg.nonfinite == "raise" and not all(finite):
         bad = [i for i, ok in enumerate(finite) if not ok]
-        raise FloatingPointError(f"non-finite gradient in tensor(s) {bad}; nothing was updated")
+        raise nonfinite_error(bad)
     for param, grad, state, fmt, ok in zip(params, grads, states, formats, finite):
         if param.size == 0:
             continue

@@ -18,7 +18,13 @@ from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import functional as F
-from ..config import HYPERPARAMETERS, LarsConfig, validate_min_8bit_size, validate_optim_bits
+from ..config import (
+    HYPERPARAMETERS,
+    LarsConfig,
+    nonfinite_error,
+    validate_min_8bit_size,
+    validate_optim_bits,
+)
 from ..quantization import ZERO_CODE, num_blocks
 from ..state import HISTORY_SIZE, UNRECORDED, LarsState
 from . import bridge, checkpoint
@@ -311,7 +317,7 @@ class LARS(Optimizer):
         for w in work:
             self._prepare_state(w)
         dense = [w for w in work if not w.sharded]
-        self._raise_on_nonfinite(dense)
+        _raise_on_nonfinite((w.label, w.grad, w.cfg) for w in dense)
         shards = [w for w in work if w.sharded]
         if shards:
             from . import sharded  # needs torch.distributed, which only DTensor users have
@@ -493,15 +499,9 @@ class LARS(Optimizer):
             steps.append((plan, grads, cfg))
         if not steps:
             return False
-        bad = [
-            label
-            for plan, grads, cfg in steps
-            if cfg.nonfinite == "raise"
-            for label, g in zip(plan.labels, grads)
-            if not bool(torch.isfinite(g).all())
-        ]
-        if bad:
-            raise FloatingPointError(f"non-finite gradient in {', '.join(bad)}; nothing was updated")
+        _raise_on_nonfinite(
+            (label, g, cfg) for plan, grads, cfg in steps for label, g in zip(plan.labels, grads)
+        )
         for plan, grads, cfg in steps:
             for bucket in plan.buckets:
                 self._update_bucket(bucket, [grads[k] for k in bucket.index], cfg, plan.foreach)
@@ -625,15 +625,6 @@ class LARS(Optimizer):
                 state["state1"] = torch.zeros(p.shape, dtype=torch.float32, device=device)
         if w.cfg.clips_percentile and "gnorm_vec" not in state:
             state["gnorm_vec"] = torch.full((HISTORY_SIZE,), UNRECORDED, dtype=torch.float32, device=device)
-
-    def _raise_on_nonfinite(self, dense: list[_Work]) -> None:
-        # One update call per device and configuration: check every "raise" tensor up front
-        # so that no call has updated anything when another raises.
-        bad = [
-            w.label for w in dense if w.cfg.nonfinite == "raise" and not bool(torch.isfinite(w.grad).all())
-        ]
-        if bad:
-            raise FloatingPointError(f"non-finite gradient in {', '.join(bad)}; nothing was updated")
 
     # -- dense tensors ---------------------------------------------------------------
 
@@ -831,6 +822,14 @@ class LARS(Optimizer):
             post_hook(self)
 
 
+def _raise_on_nonfinite(items: Iterable[tuple[str, torch.Tensor, LarsConfig]]) -> None:
+    """nonfinite='raise' across the whole step: a step makes one update call per device and
+    configuration, so every "raise" tensor is checked up front, before any call updates."""
+    bad = [label for label, g, cfg in items if cfg.nonfinite == "raise" and not bool(torch.isfinite(g).all())]
+    if bad:
+        raise nonfinite_error(bad)
+
+
 def _run(
     params: list[Any],
     grads: list[Any],
@@ -840,12 +839,11 @@ def _run(
     foreach: bool,
 ) -> None:
     """The multi-tensor path (one call) or the per-tensor path (one call per tensor)."""
-    hyperparameters = cfg.as_dict()
     if foreach:
-        F.lars_update_many(params, grads, states, dtype=dtype, **hyperparameters)
+        F.lars_update_many(params, grads, states, config=cfg, dtype=dtype)
     else:
         for param, grad, state in zip(params, grads, states):
-            F.lars_update_many([param], [grad], [state], dtype=dtype, **hyperparameters)
+            F.lars_update_many([param], [grad], [state], config=cfg, dtype=dtype)
 
 
 def _scalar(label: str, key: str, value: Any) -> Any:

@@ -48,7 +48,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from .. import quantization, reference
-from ..config import LarsConfig
+from ..config import LarsConfig, nonfinite_error
 from ..formats import from_float32, to_float32
 from . import bridge
 
@@ -235,7 +235,7 @@ def sharded_step(items: Sequence[ShardedWork]) -> None:
     ]
     bad = [it.work.label for it, ok in zip(prepared, finite) if not ok and it.work.cfg.nonfinite == "raise"]
     if bad:
-        raise FloatingPointError(f"non-finite gradient in {', '.join(bad)}; nothing was updated")
+        raise nonfinite_error(bad)
 
     updates: list[Any] = []
     u_partial: list[list[float]] = []
