@@ -26,11 +26,14 @@ import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from . import reference
 from .config import LarsConfig
 from .state import LarsState
+
+if TYPE_CHECKING:
+    from .batch import PreparedBatch
 
 __all__ = ["BACKEND_NAMES", "Backend", "ReferenceBackend", "select", "use"]
 
@@ -44,6 +47,7 @@ class Backend(Protocol):
 
     name: str  # "reference", "cpu", "cuda" or "emulated-cuda"
     reason: str  # why this backend updates these arrays
+    takes_addresses: bool  # update_many accepts gradient addresses instead of arrays
 
     def update_many(
         self,
@@ -51,11 +55,12 @@ class Backend(Protocol):
         grads: Sequence[Any] | None,
         states: Sequence[LarsState],
         cfg: LarsConfig,
-        checked: Any,
+        batch: PreparedBatch,
         grad_addresses: Sequence[int] | None = None,
     ) -> None:
-        """One step. ``checked`` is the caller's validation record (formats, live tensors);
-        ``grad_addresses`` may stand in for ``grads`` on backends that take addresses."""
+        """One step of a prepared batch (:mod:`cupylars.batch`: formats, live tensors, and
+        the backend's tables and scratch); ``grad_addresses`` may stand in for ``grads``
+        on backends that take addresses."""
         ...
 
 
@@ -77,12 +82,15 @@ class ReferenceBackend:
         grads: Sequence[Any] | None,
         states: Sequence[LarsState],
         cfg: LarsConfig,
-        checked: Any,
+        batch: PreparedBatch,
         grad_addresses: Sequence[int] | None = None,
     ) -> None:
         if grads is None:
             raise TypeError("the reference backend needs gradient arrays, not addresses")
-        reference.update_many(params, grads, states, cfg, checked.formats)
+        allocating = cfg.uses_momentum and not batch.has_momentum
+        reference.update_many(params, grads, states, cfg, batch.formats)
+        if allocating:  # the step gave states their momentum arrays (new versions)
+            batch.renew(states)
 
 
 _ASKED = ReferenceBackend(

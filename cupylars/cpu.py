@@ -14,10 +14,9 @@ import ctypes
 import os
 import sys
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,6 +24,9 @@ from . import native, quantization
 from . import plan as tables
 from .config import NONFINITE_POLICIES, LarsConfig, nonfinite_error
 from .state import LarsState
+
+if TYPE_CHECKING:
+    from .batch import PreparedBatch
 
 __all__ = ["CpuBackend", "array_address", "num_threads"]
 
@@ -71,13 +73,10 @@ class CpuBackend:
 
     name = "cpu"
     takes_addresses = True  # update_many accepts grad_addresses for grads
-    _PLAN_CACHE_SIZE = 16
 
     def __init__(self, lib: Any, reason: str) -> None:
         self._step = lib.lars_cpu_step
         self.reason = reason
-        self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
-        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<cupylars backend 'cpu': {self.reason}>"
@@ -88,11 +87,11 @@ class CpuBackend:
         grads: Sequence[np.ndarray] | None,
         states: Sequence[LarsState],
         cfg: LarsConfig,
-        checked: Any,
+        batch: PreparedBatch,
         grad_addresses: Sequence[int] | None = None,
     ) -> None:
-        """One LARS step over validated tensors (see functional.lars_update_many)."""
-        live = checked.live
+        """One LARS step over a prepared batch (see cupylars.batch)."""
+        live = batch.live
         if not live:
             return
         # What a remembered validation cannot vouch for: the parameters of this call are
@@ -114,14 +113,14 @@ class CpuBackend:
         stats_m = uses_m and cfg.clips_update_norm
         need_p = cfg.uses_trust_ratio or cfg.clips_update_norm
         allocated = []
-        if uses_m and not checked.has_momentum:
+        if uses_m and not batch.has_momentum:
             allocated = [i for i in live if not states[i].has_momentum]
             for i in allocated:
                 states[i].ensure_momentum(np)
-            checked.renew(states)
+            batch.renew(states)
         chunk = tables.check_chunk(tables.CHUNK_SIZE)
-        with self._lock:
-            plan = self._plan(checked, params, grads, grad_addresses, states, chunk, uses_m, stats_m)
+        with batch.lock:
+            plan = self._plan(batch, params, grads, grad_addresses, states, chunk, uses_m, stats_m)
         host = plan.host
         partials = np.empty(host.num_blocks * tables.SUMS, dtype=np.float64)
         coefs = np.empty(host.num_tensors * tables.COEF_WORDS, dtype=np.int32)
@@ -159,7 +158,7 @@ class CpuBackend:
 
     def _plan(
         self,
-        checked: Any,
+        batch: PreparedBatch,
         params: Sequence[np.ndarray],
         grads: Sequence[np.ndarray] | None,
         grad_addresses: Sequence[int] | None,
@@ -168,10 +167,10 @@ class CpuBackend:
         uses_m: bool,
         stats_m: bool,
     ) -> _Plan:
-        live = checked.live
+        live = batch.live
         param_addresses = [array_address(params[i]) for i in live]
-        key = (chunk, uses_m, stats_m, checked.token)
-        plan = self._plans.get(key)
+        key = (chunk, uses_m, stats_m)
+        plan = batch.tables.get(key)
         if plan is None or plan.param_addresses != param_addresses:
             tables.check_no_overlap(live, param_addresses, [params[i].nbytes for i in live])
             for i in live:
@@ -183,8 +182,8 @@ class CpuBackend:
             else:
                 rows = [grad_addresses[i] for i in live]
             host = tables.build_tables(
-                checked.formats,
-                [d.itemsize for d in checked.dtypes],
+                batch.formats,
+                [d.itemsize for d in batch.dtypes],
                 live,
                 param_addresses,
                 rows,
@@ -201,10 +200,7 @@ class CpuBackend:
                 tensors_ptr=host.table.ctypes.data,
                 blocks_ptr=host.table.ctypes.data + host.num_tensors * tables.TENSOR_FIELDS * 8,
             )
-            self._plans[key] = plan
-            if len(self._plans) > self._PLAN_CACHE_SIZE:
-                self._plans.popitem(last=False)
-        self._plans.move_to_end(key)
+            batch.tables[key] = plan
         if grads is not None:
             rows = [array_address(grads[i]) for i in plan.host.order]
         else:

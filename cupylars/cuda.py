@@ -29,13 +29,14 @@ import ctypes
 import hashlib
 import os
 import threading
-from collections import OrderedDict, deque
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -52,6 +53,9 @@ from .plan import (
     check_no_overlap,
 )
 from .state import LarsState
+
+if TYPE_CHECKING:
+    from .batch import PreparedBatch
 
 __all__ = [
     "CudaBackend",
@@ -349,23 +353,20 @@ class CudaBackend:
 
     takes_addresses = True  # update_many accepts grad_addresses for grads
 
-    _PLAN_CACHE_SIZE = 16
+    _RETIRED_KEPT = 32  # replaced tables kept alive (see _retired)
 
     def __init__(self, runtime: Any, reason: str, chunk_size: int | None = None) -> None:
         self.runtime = runtime
         self.name: str = runtime.name
         self.reason = reason
         self.chunk_size = chunk_size
-        self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
-        self._lock = threading.RLock()
-        # Scratch per thread (and device and stream): two threads stepping different
-        # tensor lists must not read each other's partial sums, even on one stream.
-        self._scratch = threading.local()
         # Replaced device tables and their upload buffers, let go once they are old enough
         # that no queued kernel reads them and their copies have long run (releasing an
         # upload buffer synchronises with its copy). A CUDA graph captured over a table
         # keeps replaying correctly while the table is here.
         self._retired: deque[tuple[Any, Any]] = deque()
+        self._retired_lock = threading.Lock()
+        self._watched: weakref.WeakSet[PreparedBatch] = weakref.WeakSet()
         self._writeable = attrgetter("writeable") if runtime.xp is np else _writeable
 
     def __repr__(self) -> str:
@@ -378,19 +379,19 @@ class CudaBackend:
         grads: Sequence[Any] | None,
         states: Sequence[LarsState],
         cfg: LarsConfig,
-        checked: Any,
+        batch: PreparedBatch,
         grad_addresses: Sequence[int] | None = None,
     ) -> None:
         """One LARS step over validated tensors (see functional.lars_update_many).
 
-        ``checked`` is the functional layer's record of the validation (formats,
+        ``batch`` is the prepared batch (formats,
         live tensors, a token per validated set of states). ``grad_addresses``
         stands in for ``grads`` (then None): the addresses of contiguous
         gradients, one per parameter, that the caller has checked against the
         parameters (dtype, shape, device), as the torch adapter does.
         """
         self._check_call(params, grads, states)
-        live = checked.live
+        live = batch.live
         if not live:
             self._check_arrays(params, grads, states)  # as any call: before deciding to do nothing
             return  # empty tensors: no launch, no counter changes
@@ -400,15 +401,13 @@ class CudaBackend:
         stats_m = uses_m and cfg.clips_update_norm
         need_p = cfg.uses_trust_ratio or cfg.clips_update_norm
         raising = cfg.nonfinite == "raise"
-        if uses_m and not raising and not checked.has_momentum:
-            for i in live:
-                states[i].ensure_momentum(rt.xp)
-            checked.renew(states)
+        if uses_m and not raising and not batch.has_momentum:
+            self._give_momentum(batch, states)
 
         ctx = rt.context()
-        with self._lock:  # the plan cache is shared by every thread of the process
-            plan = self._plan(ctx, chunk, checked, params, grads, grad_addresses, states, uses_m, stats_m)
-        scratch = self._scratch_for(ctx, plan)
+        with batch.lock:
+            plan = self._plan(ctx, chunk, batch, params, grads, grad_addresses, states, uses_m, stats_m)
+        scratch = self._scratch_for(ctx, plan, batch)
         code_map = rt.code_map()
         self._launch_chunks(plan.host.stats_runs, plan, chunk, np.int32(need_p), code_map, scratch.partials)
 
@@ -419,13 +418,11 @@ class CudaBackend:
             bad = sorted({int(i) for i in plan.host.block_owner[~np.isfinite(gg)]})
             if bad:
                 raise nonfinite_error(bad)
-            if uses_m and not checked.has_momentum:
-                for i in live:
-                    states[i].ensure_momentum(rt.xp)
-                checked.renew(states)
-                with self._lock:
+            if uses_m and not batch.has_momentum:
+                self._give_momentum(batch, states)
+                with batch.lock:
                     plan = self._plan(
-                        ctx, chunk, checked, params, grads, grad_addresses, states, uses_m, stats_m
+                        ctx, chunk, batch, params, grads, grad_addresses, states, uses_m, stats_m
                     )
 
         self._launch(
@@ -522,7 +519,7 @@ class CudaBackend:
         self,
         ctx: tuple[int, int],
         chunk: int,
-        checked: Any,
+        batch: PreparedBatch,
         params: Sequence[Any],
         grads: Sequence[Any] | None,
         grad_addresses: Sequence[int] | None,
@@ -531,10 +528,10 @@ class CudaBackend:
         stats_m: bool,
     ) -> _Plan:
         address = self.runtime.address
-        live = checked.live
+        live = batch.live
         param_addresses = list(map(address, map(params.__getitem__, live)))
-        key = (ctx, chunk, uses_m, stats_m, checked.token)
-        plan = self._plans.get(key)
+        key = (ctx, chunk, uses_m, stats_m)
+        plan = batch.tables.get(key)
         if plan is None or plan.param_addresses != param_addresses:
             self._check_states(params, states)
             if grads is not None:
@@ -542,15 +539,17 @@ class CudaBackend:
                 rows = list(map(address, map(grads.__getitem__, live)))
             else:
                 rows = list(map(grad_addresses.__getitem__, live))
-            plan = self._build_plan(checked, param_addresses, rows, states, chunk, uses_m, stats_m)
-            self._plans[key] = plan
-            self._plans.move_to_end(key)
-            if len(self._plans) > self._PLAN_CACHE_SIZE:
-                _, old = self._plans.popitem(last=False)
-                self._retire(old.blocks, old.keepalive)
-                self._retire(old.tensors, old.rows_keepalive)
+            if plan is not None:
+                self._retire_plan(plan)
+            if batch not in self._watched:
+                # A dropped batch's tables are retired, not freed: kernels queued on them, and
+                # their copies from pinned buffers, may still be pending.
+                self._watched.add(batch)
+                weakref.finalize(batch, self._retire_all, batch.tables)
+            plan = batch.tables[key] = self._build_plan(
+                batch, param_addresses, rows, states, chunk, uses_m, stats_m
+            )
             return plan
-        self._plans.move_to_end(key)
         if grads is not None:
             rows = list(map(address, map(grads.__getitem__, plan.order)))
         else:
@@ -575,16 +574,34 @@ class CudaBackend:
         plan.rows_keepalive = keepalive
         plan.grad_addresses = grad_addresses
 
+    def _give_momentum(self, batch: PreparedBatch, states: Sequence[LarsState]) -> None:
+        """Zeroed momentum arrays for every live state; the batch's tables of the old
+        arrays go."""
+        for i in batch.live:
+            states[i].ensure_momentum(self.runtime.xp)
+        for plan in batch.tables.values():
+            self._retire_plan(plan)
+        batch.renew(states)
+
+    def _retire_all(self, plans: dict[tuple, _Plan]) -> None:
+        for plan in plans.values():
+            self._retire_plan(plan)
+
+    def _retire_plan(self, plan: _Plan) -> None:
+        self._retire(plan.blocks, plan.keepalive)
+        self._retire(plan.tensors, plan.rows_keepalive)
+
     def _retire(self, table: Any, keepalive: Any) -> None:
         self._retired.append((table, keepalive))
-        while len(self._retired) > 2 * self._PLAN_CACHE_SIZE:
-            _, held = self._retired.popleft()
-            if held is not None:
-                self.runtime.release(held)
+        with self._retired_lock:
+            while len(self._retired) > self._RETIRED_KEPT:
+                _, held = self._retired.popleft()
+                if held is not None:
+                    self.runtime.release(held)
 
     def _build_plan(
         self,
-        checked: Any,
+        batch: PreparedBatch,
         param_addresses: list[int],
         grad_addresses: list[int],
         states: Sequence[LarsState],
@@ -592,12 +609,12 @@ class CudaBackend:
         uses_m: bool,
         stats_m: bool,
     ) -> _Plan:
-        """Tables for the live tensors; both address lists follow ``checked.live``."""
-        check_no_overlap(checked.live, param_addresses, [checked.nbytes[i] for i in checked.live])
+        """Tables for the live tensors; both address lists follow ``batch.live``."""
+        check_no_overlap(batch.live, param_addresses, [batch.nbytes[i] for i in batch.live])
         host = tables.build_tables(
-            checked.formats,
-            [d.itemsize for d in checked.dtypes],
-            checked.live,
+            batch.formats,
+            [d.itemsize for d in batch.dtypes],
+            batch.live,
             param_addresses,
             grad_addresses,
             states,
@@ -617,10 +634,11 @@ class CudaBackend:
             keepalive=keepalive,
         )
 
-    def _scratch_for(self, ctx: tuple[int, int], plan: _Plan) -> _Scratch:
-        """Grow-only scratch per (thread, device, stream): reused by every later step."""
+    def _scratch_for(self, ctx: tuple[int, int], plan: _Plan, batch: PreparedBatch) -> _Scratch:
+        """The batch's grow-only scratch per (device, stream), reused by every later step:
+        two batches stepped at once (two threads, one stream) never share partial sums."""
         need_p, need_c = plan.num_blocks * SUMS, plan.num_tensors * COEF_WORDS
-        mine: dict[tuple[int, int], _Scratch] = self._scratch.__dict__.setdefault("by_context", {})
+        mine = batch.scratch
         have = mine.get(ctx)
         if have is None or have.partials.size < need_p or have.coefs.size < need_c:
             old_p = 0 if have is None else have.partials.size

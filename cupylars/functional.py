@@ -36,19 +36,17 @@ The step, per tensor, at applied step :math:`t` (docs/algorithm.md):
 
 from __future__ import annotations
 
-import itertools
 import sys
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
-from itertools import repeat
-from operator import attrgetter, is_
 from typing import Any
 
 import numpy as np
 
 from . import backends
-from .backends import Backend, ReferenceBackend
+from . import batch as batch_module
+from .backends import Backend
+from .batch import PreparedBatch, module_of
 from .config import NONFINITE_POLICIES, LarsConfig
 from .formats import resolve_format
 from .quantization import dequantize_blockwise, dynamic_map, quantize_blockwise
@@ -64,6 +62,7 @@ __all__ = [
     "init_state",
     "lars_update",
     "lars_update_many",
+    "prepare",
     "quantize_blockwise",
 ]
 
@@ -194,270 +193,95 @@ def lars_update_many(
     if not _plain_arrays(params) or not _plain_arrays(grads):
         tensors = [p for p in params if type(p).__module__.split(".")[0] == "torch"]
         params, grads, dtype = _as_arrays(params, grads, dtype)
-    checked = _checked(params, grads, states, dtype)
-    chosen = backends.select(checked.module, backend)
-    if isinstance(chosen, ReferenceBackend):
-        _check_no_overlap(params, checked.live)  # the others check it when they build tables
-    chosen.update_many(params, grads, states, cfg, checked)
+    _batch_for(params, states, dtype, backend).step(params, grads, states, cfg)  # it holds for them
     if tensors:
         # The arrays wrote the tensors behind autograd's back: tell it, so a backward
         # through a graph that saved the old values fails loudly instead of silently.
         sys.modules["torch"].autograd.graph.increment_version(tensors)
 
 
-# -- validation ----------------------------------------------------------------------
+def prepare(
+    params: Sequence[Any],
+    states: Sequence[LarsState],
+    *,
+    dtype: str | None = None,
+    backend: str | None = None,
+) -> PreparedBatch:
+    """Validate ``params`` against ``states`` once, for repeated steps.
 
-
-def _check_same_module(name: str, array: Any, xp: Any, index: int) -> None:
-    if array_module(array) is not xp:
-        raise TypeError(
-            f"{name}[{index}] is a {type(array).__module__}.{type(array).__name__}, but params[{index}] "
-            f"is a {xp.__name__} array: param, grad and state must live in the same array module"
-        )
-
-
-def validate_inputs(
-    params: Sequence[Any], grads: Sequence[Any], states: Sequence[LarsState], dtype: str | None
-) -> list[str]:
-    """Check every tensor against its gradient and state; return their formats."""
-    if not (len(params) == len(grads) == len(states)):
-        raise ValueError(
-            f"params, grads and states differ in length: {len(params)}, {len(grads)}, {len(states)}"
-        )
-    formats = []
-    seen: set[int] = set()
-    for i, (param, grad, state) in enumerate(zip(params, grads, states)):
-        if not isinstance(state, LarsState):
-            raise TypeError(f"states[{i}] is a {type(state).__name__}, expected a LarsState")
-        fmt = resolve_format(param, dtype, name=f"params[{i}]")
-        grad_fmt = resolve_format(grad, dtype, name=f"grads[{i}]")
-        if grad_fmt != fmt:
-            raise TypeError(f"grads[{i}] is {grad_fmt} but params[{i}] is {fmt}")
-        if tuple(grad.shape) != tuple(param.shape):
-            raise ValueError(
-                f"grads[{i}] has shape {tuple(grad.shape)}, params[{i}] has {tuple(param.shape)}"
-            )
-        if tuple(state.shape) != tuple(param.shape):
-            raise ValueError(
-                f"states[{i}] was made for shape {state.shape}, params[{i}] has {tuple(param.shape)}"
-            )
-        if state.param_format != fmt:
-            raise TypeError(f"states[{i}] was made for {state.param_format} params, params[{i}] is {fmt}")
-        xp = array_module(param)
-        _check_same_module("grads", grad, xp, i)
-        for name, array in state.arrays().items():
-            _check_same_module(f"states.{name}", array, xp, i)
-        state.check()
-        if not _writeable(param):
-            raise ValueError(
-                f"params[{i}] is read-only (a NumPy array without the write flag, or an immutable "
-                "array such as JAX's): LARS updates parameters in place"
-            )
-        for name, array in state.arrays().items():
-            if not _writeable(array):
-                raise ValueError(f"states[{i}].{name} is read-only: the step writes it")
-        if id(param) in seen:
-            raise ValueError(f"params[{i}] appears twice in one update")
-        seen.add(id(param))
-        formats.append(fmt)
-    return formats
-
-
-def _writeable(array: Any) -> bool:
-    # CuPy arrays have no read-only flag (cupy.ndarray.flags has no `writeable`).
-    return getattr(array.flags, "writeable", True)
-
-
-def _extent(array: Any) -> tuple[int, int]:
-    """[first byte, last byte + 1) of an array's elements."""
-    if array.size == 0:
-        return (0, 0)
-    interface = getattr(array, "__array_interface__", None) or array.__cuda_array_interface__
-    start = end = int(interface["data"][0])
-    for n, stride in zip(array.shape, array.strides):
-        reach = (n - 1) * stride
-        start, end = (start + reach, end) if reach < 0 else (start, end + reach)
-    return (start, end + array.itemsize)
-
-
-def _check_no_overlap(params: Sequence[Any], live: Sequence[int]) -> None:
-    """Two parameters of one call must not share memory: the update would race on it."""
-    from .plan import first_overlap, overlap_error
-
-    pair = first_overlap([_extent(params[i]) for i in live])
-    if pair is None:
-        return
-    i, j = live[pair[0]], live[pair[1]]
-    a, b = params[i], params[j]
-    if array_module(a) is np and not (a.flags.c_contiguous and b.flags.c_contiguous):
-        if not np.shares_memory(a, b):  # interleaved strided views share no element
-            return
-    raise overlap_error(i, j)
-
-
-_VERSION = attrgetter("_version")
-_SHAPE = attrgetter("shape")
-_DTYPE = attrgetter("dtype")
-_TOKENS = itertools.count(1)
-
-
-@dataclass(eq=False)
-class _Checked:
-    """What a full validation of (params, grads, states) established.
-
-    Kept by :func:`lars_update_many` and handed to the backend. It applies to a
-    later call whose states carry the same versions (no attribute of any
-    state was assigned since) and whose params and grads have the same types,
-    dtypes and shapes: everything validation reads is then the same. ``token``
-    is unique per validated set of states, so a backend may key what it derives
-    from the states (the CUDA backend's tables) on it.
+    Returns a :class:`~cupylars.batch.PreparedBatch`; ``batch.update(params,
+    grads, states, config)`` steps it with a :class:`LarsConfig`, checking per
+    step only the gradients and that the params and states are unchanged. It
+    owns the backend's tables and scratch: batches share nothing. Takes NumPy
+    or CuPy arrays (convert other arrays first, e.g. with ``np.from_dlpack``).
     """
-
-    token: int
-    versions: list[int]
-    param_types: list[type]
-    grad_types: list[type]
-    dtypes: list[Any]
-    shapes: list[tuple[int, ...]]
-    formats: list[str]
-    module: str  # "numpy" or "cupy"
-    live: list[int]  # tensors with at least one element
-    nbytes: list[int]  # bytes of each parameter
-    has_momentum: bool  # every live state holds its momentum arrays
-
-    def matches(self, params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any]) -> bool:
-        """Whether this validation holds for these arguments (False: validate them)."""
-        if len(grads) != len(self.versions) or not self.holds_for(params, states):
-            return False
-        return (
-            list(map(type, grads)) == self.grad_types
-            and list(map(_SHAPE, grads)) == self.shapes
-            and list(map(_DTYPE, grads)) == self.dtypes
-        )
-
-    def holds_for(self, params: Sequence[Any], states: Sequence[Any]) -> bool:
-        """:meth:`matches` without the gradients."""
-        n = len(self.versions)
-        if len(params) != n or len(states) != n:
-            return False
-        # Versions are unique per LarsState, not across every object with a _version.
-        if not all(map(is_, map(type, states), repeat(LarsState))):
-            return False
-        return (
-            list(map(_VERSION, states)) == self.versions
-            and list(map(type, params)) == self.param_types
-            and list(map(_SHAPE, params)) == self.shapes
-            and list(map(_DTYPE, params)) == self.dtypes
-            and len(set(map(id, params))) == n
-        )
-
-    def renew(self, states: Sequence[LarsState]) -> None:
-        """After the backend gave every live state its (zeroed) momentum arrays."""
-        self.versions = list(map(_VERSION, states))
-        self.has_momentum = True
-        self.token = next(_TOKENS)
+    if not _plain_arrays(params):
+        raise TypeError("prepare takes NumPy or CuPy arrays; convert other arrays with from_dlpack")
+    return _prepare(params, states, dtype, backend)
 
 
-# Recent validations, keyed by (length, first state's id, dtype argument); an entry is
-# used only when it matches (_Checked.matches), so a reused id costs a validation, no more.
-_CHECKED: dict[tuple, _Checked] = {}
-_CHECKED_SIZE = 64
-_CHECKED_LOCK = threading.Lock()
+def _prepare(
+    params: Sequence[Any], states: Sequence[LarsState], dtype: str | None, backend: str | None
+) -> PreparedBatch:
+    chosen = backends.select(module_of(params) if len(params) else "numpy", backend)
+    return batch_module.prepare(params, states, dtype, chosen)
 
 
-def _checked(
-    params: Sequence[Any], grads: Sequence[Any], states: Sequence[LarsState], dtype: str | None
-) -> _Checked:
-    """The validation of these arguments: remembered, or done now (raising on bad input)."""
-    key = _memo_key(states, dtype)
-    known = None if key is None else _CHECKED.get(key)
-    if known is not None and known.matches(params, grads, states):
-        return known
-    formats = validate_inputs(params, grads, states, dtype)
-    module = _module_of(params)
-    live = [i for i, p in enumerate(params) if p.size > 0]
-    _check_no_overlap(params, live)
-    checked = _Checked(
-        token=next(_TOKENS),
-        versions=list(map(_VERSION, states)),
-        param_types=list(map(type, params)),
-        grad_types=list(map(type, grads)),
-        dtypes=list(map(_DTYPE, params)),
-        shapes=list(map(_SHAPE, params)),
-        formats=formats,
-        module=module,
-        live=live,
-        nbytes=[int(p.nbytes) for p in params],
-        has_momentum=all(states[i].has_momentum for i in live),
-    )
-    if key is not None:
-        with _CHECKED_LOCK:
-            _CHECKED.pop(key, None)
-            if len(_CHECKED) >= _CHECKED_SIZE:
-                del _CHECKED[next(iter(_CHECKED))]  # the oldest
-            _CHECKED[key] = checked
-    return checked
+# Recent batches of lars_update_many, keyed by (length, first state's id, dtype and backend
+# arguments, the backend a `use` block forces); an entry is used only when it holds for the
+# call (PreparedBatch.holds_for), so a reused id costs a validation, no more.
+_BATCHES: dict[tuple, PreparedBatch] = {}
+_BATCHES_SIZE = 64
+_BATCHES_LOCK = threading.Lock()
 
 
-def _memo_key(states: Sequence[LarsState], dtype: Any) -> tuple | None:
+def _batch_for(
+    params: Sequence[Any], states: Sequence[LarsState], dtype: str | None, backend: str | None
+) -> PreparedBatch:
     try:
-        key = (len(states), id(states[0]) if len(states) else None, dtype)
+        key: tuple | None = (len(states), id(states[0]) if len(states) else None, dtype, backend,
+                             id(backends.forced()))
         hash(key)
     except TypeError:  # an unhashable dtype argument: nothing is remembered
-        return None
-    return key
-
-
-def _lars_update_many_at(
-    params: Sequence[Any],
-    grad_addresses: Sequence[int],
-    states: Sequence[LarsState],
-    cfg: LarsConfig,
-    dtype: str | None,
-) -> bool:
-    """:func:`lars_update_many` with each gradient given by its address, for a caller
-    that checked the gradients against the params itself (the torch adapter checks
-    dtype, shape, device and contiguity), so no array of them need be made.
-
-    Runs only on the backends that take addresses (cpu, cuda, emulated-cuda) and
-    only for params and states that a call of :func:`lars_update_many` validated
-    and that are unchanged since; otherwise it does nothing and returns False:
-    call :func:`lars_update_many` then.
-    """
-    key = _memo_key(states, dtype)
-    known = None if key is None else _CHECKED.get(key)
-    if known is None or not known.holds_for(params, states):
-        return False
-    chosen = backends.select(known.module)
-    if not getattr(chosen, "takes_addresses", False):
-        return False
-    chosen.update_many(params, None, states, cfg, known, grad_addresses=grad_addresses)
-    return True
+        key = None
+    known = None if key is None else _BATCHES.get(key)
+    if known is not None and known.holds_for(params, states):
+        return known  # the caller may step it without checking again
+    made = _prepare(params, states, dtype, backend)
+    if key is not None:
+        with _BATCHES_LOCK:
+            _BATCHES.pop(key, None)
+            if len(_BATCHES) >= _BATCHES_SIZE:
+                del _BATCHES[next(iter(_BATCHES))]  # the oldest
+            _BATCHES[key] = made
+    return made
 
 
 # -- backends ------------------------------------------------------------------------
 
 
-def _module_of(params: Sequence[Any]) -> str:
-    modules = {array_module(p).__name__ for p in params}
-    if len(modules) > 1:
-        raise TypeError(f"params mix array modules {sorted(modules)}; update each module separately")
-    return "cupy" if modules == {"cupy"} else "numpy"
-
-
 def backend_for(params: Sequence[Any], backend: str | None = None) -> Backend:
     """The backend an update of ``params`` takes; its ``.reason`` says why."""
     arrays = [_as_array(p, f"params[{i}]")[0] for i, p in enumerate(params)]
-    return backends.select(_module_of(arrays), backend)
+    return backends.select(module_of(arrays), backend)
 
 
 # -- arrays from other frameworks -------------------------------------------------------
 _KDL_CPU, _KDL_CUDA = 1, 2
 _PLAIN = (np.ndarray,)
+_PLAIN_TYPES: set[type] = {np.ndarray}
 
 
 def _plain_arrays(arrays: Sequence[Any]) -> bool:
-    return all(isinstance(a, _PLAIN) or type(a).__module__.startswith("cupy") for a in arrays)
+    """Whether every array is a NumPy or CuPy array (no conversion needed)."""
+    types = set(map(type, arrays))  # a training loop passes one or two types: cheap
+    if types <= _PLAIN_TYPES:
+        return True
+    for kind in types:
+        if not (issubclass(kind, np.ndarray) or kind.__module__.startswith("cupy")):
+            return False
+        _PLAIN_TYPES.add(kind)
+    return True
 
 
 def _as_array(x: Any, name: str) -> tuple[Any, str | None]:

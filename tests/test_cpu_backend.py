@@ -312,3 +312,44 @@ def test_read_only_dlpack_arrays_are_refused_before_anything_changes():
     assert state.step == 0 and frozen.min() == 1.0
     with pytest.raises(TypeError, match="expected an array that speaks DLPack"):
         F.lars_update([1.0, 2.0], [1.0, 2.0], state, lr=0.1)
+
+
+# ---- prepared batches ------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_prepared_batch_steps_as_lars_update_many_does(backend):
+    params, states, grads = _problem(6, [(3000,), (40, 9)])
+    twin_params, twin_states = copy.deepcopy(params), copy.deepcopy(states)
+    batch = F.prepare(params, states, backend=backend)
+    assert batch.backend.name == backend
+    config = F.LarsConfig(**FULL)
+    for step_grads in grads:
+        batch.update(params, step_grads, states, config)
+        F.lars_update_many(twin_params, step_grads, twin_states, backend=backend, **FULL)
+    _same(params, states, twin_params, twin_states)
+
+
+def test_a_prepared_batch_refuses_what_it_was_not_prepared_for():
+    params, states, grads = _problem(7, [(3000,), (500,)])
+    batch = F.prepare(params, states)
+    config = F.LarsConfig(**FULL)
+    batch.update(params, grads[0], states, config)
+    with pytest.raises(ValueError, match="not those the batch was prepared for"):
+        batch.update(params[::-1], grads[0][::-1], states[::-1], config)
+    with pytest.raises(ValueError, match=r"grads\[1\] has shape"):
+        batch.update(params, [grads[0][0], grads[0][1][:-1]], states, config)
+    states[1].momentum = states[1].momentum.copy()  # an assigned state: prepare again
+    with pytest.raises(ValueError, match="not those the batch was prepared for"):
+        batch.update(params, grads[0], states, config)
+    reference_batch = F.prepare(params, states, backend="reference")
+    with pytest.raises(TypeError, match="needs gradient arrays"):
+        reference_batch.update(params, None, states, config, grad_addresses=[0, 0])
+    with pytest.raises(TypeError, match="NumPy or CuPy arrays"):
+        F.prepare([list(p) for p in params], states)
+
+
+def test_config_or_hyperparameters_not_both():
+    params, states, grads = _problem(8, [(100,)])
+    with pytest.raises(TypeError, match="either config or hyperparameters"):
+        F.lars_update_many(params, grads[0], states, config=F.LarsConfig(lr=0.1), lr=0.1)
+    with pytest.raises(TypeError, match="config must be a LarsConfig"):
+        F.lars_update_many(params, grads[0], states, config={"lr": 0.1})

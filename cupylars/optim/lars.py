@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import functional as F
+from ..batch import PreparedBatch
 from ..config import (
     HYPERPARAMETERS,
     LarsConfig,
@@ -150,6 +151,7 @@ class _Bucket:
     arrays: list[Any]  # array views of the parameters (of ``staging`` for strided ones)
     states: list[LarsState]
     staging: list[tuple[torch.Tensor, torch.Tensor]]  # (strided parameter, its contiguous copy)
+    batch: PreparedBatch | None = None  # the arrays and states, prepared at the first fast step
 
 
 @dataclass(eq=False)
@@ -543,16 +545,23 @@ class LARS(Optimizer):
         with backend.context():
             for param, staging in bucket.staging:
                 staging.copy_(param.detach())
-            # The kernels need only the gradients' addresses: no array views of them.
-            done = foreach and F._lars_update_many_at(
-                bucket.arrays, list(map(_DATA_PTR, grads)), bucket.states, cfg, bucket.dtype
-            )
-            if not done:
+            if foreach:
+                batch = bucket.batch
+                if batch is None or not batch.holds_for(bucket.arrays, bucket.states):
+                    batch = bucket.batch = F.prepare(bucket.arrays, bucket.states, dtype=bucket.dtype)
+                # (It holds for the arrays and states: step it without checking again.)
+                if batch.backend.takes_addresses:
+                    # The kernels need only the gradients' addresses: no array views of them.
+                    batch.step(bucket.arrays, None, bucket.states, cfg, list(map(_DATA_PTR, grads)))
+                else:
+                    batch.step(bucket.arrays, [backend.view(g) for g in grads], bucket.states, cfg)
+                chosen = batch.backend
+            else:
                 views = [backend.view(g) for g in grads]
                 _run(bucket.arrays, views, bucket.states, cfg, bucket.dtype, foreach)
+                chosen = F.backend_for(bucket.arrays[:1])
             for param, staging in bucket.staging:
                 param.detach().copy_(staging)
-        chosen = F.backend_for(bucket.arrays[:1])
         self.backends[str(backend.device)] = f"{chosen.name}: {chosen.reason}; {backend.reason}"
 
     def _collect(self) -> list[_Work]:
