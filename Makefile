@@ -1,7 +1,7 @@
 # One command sets up and runs each job; the virtual environment lives in .venv.
 #   make demo   - install cupylars with torch and run the training demo (the main job)
 #   make test   - install the test dependencies and run the whole test suite
-#   make lint   - ruff
+#   make lint   - ruff and mypy
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -32,10 +32,12 @@ demo: $(VENV)/.demo
 
 test: $(VENV)/.test
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.test
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 # On a machine with a CUDA GPU and CuPy: GPU tests and benchmarks (installs nothing).
 gpu-check:

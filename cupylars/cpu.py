@@ -16,7 +16,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -39,7 +39,7 @@ def array_address(a: np.ndarray) -> int:
     # __array_interface__ (about 3x faster); it needs a writable, contiguous buffer of
     # at least one byte, so read-only arrays take the slow way.
     try:
-        return ctypes.addressof(ctypes.c_char.from_buffer(a))
+        return ctypes.addressof(ctypes.c_char.from_buffer(cast(Any, a)))  # arrays are buffers
     except (TypeError, ValueError, BufferError):
         return int(a.__array_interface__["data"][0])
 
@@ -97,8 +97,8 @@ class CpuBackend:
         # What a remembered validation cannot vouch for: the parameters of this call are
         # writeable. (The state arrays are checked whenever tables are built for them.)
         if not all(params[i].flags.writeable for i in live):
-            bad = next(i for i in live if not params[i].flags.writeable)
-            raise ValueError(f"params[{bad}] is read-only: LARS updates parameters in place")
+            first = next(i for i in live if not params[i].flags.writeable)
+            raise ValueError(f"params[{first}] is read-only: LARS updates parameters in place")
         # Strided parameters are stepped in a contiguous copy and written back; strided
         # gradients are read through a contiguous copy.
         staged = [(i, params[i]) for i in live if not params[i].flags.c_contiguous]
@@ -180,6 +180,7 @@ class CpuBackend:
             if grads is not None:
                 rows = [array_address(grads[i]) for i in live]
             else:
+                assert grad_addresses is not None  # one of the two, by update_many's contract
                 rows = [grad_addresses[i] for i in live]
             host = tables.build_tables(
                 batch.formats,
@@ -204,6 +205,7 @@ class CpuBackend:
         if grads is not None:
             rows = [array_address(grads[i]) for i in plan.host.order]
         else:
+            assert grad_addresses is not None
             rows = [grad_addresses[i] for i in plan.host.order]
         if rows != plan.grad_addresses:
             plan.host.set_grads(rows)

@@ -538,6 +538,7 @@ class CudaBackend:
                 self._check_grad_devices(grads, live)
                 rows = list(map(address, map(grads.__getitem__, live)))
             else:
+                assert grad_addresses is not None  # one of the two, by update_many's contract
                 rows = list(map(grad_addresses.__getitem__, live))
             if plan is not None:
                 self._retire_plan(plan)
@@ -553,6 +554,7 @@ class CudaBackend:
         if grads is not None:
             rows = list(map(address, map(grads.__getitem__, plan.order)))
         else:
+            assert grad_addresses is not None
             rows = list(map(grad_addresses.__getitem__, plan.order))
         if rows != plan.grad_addresses:
             if grads is not None:

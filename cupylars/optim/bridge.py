@@ -22,7 +22,7 @@ import contextlib
 import sys
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -65,7 +65,7 @@ def is_dtensor(tensor: torch.Tensor) -> bool:
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The rank-local part of a DTensor, or the tensor itself, detached."""
     if is_dtensor(tensor):
-        return tensor.to_local().detach()
+        return cast(Any, tensor).to_local().detach()  # a DTensor (checked without importing it)
     return tensor.detach()
 
 
@@ -107,6 +107,14 @@ class DeviceBackend:
     def describe(self) -> str:
         return f"{self.name}: {self.reason}"
 
+    def stage(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """A host copy of ``tensor`` and its array (host-copy backends only)."""
+        raise NotImplementedError(f"the {self.name} backend hands out views (view), not host copies")
+
+    def commit(self, tensor: torch.Tensor, host: torch.Tensor) -> None:
+        """Write a staged host copy back (host-copy backends only)."""
+        raise NotImplementedError(f"the {self.name} backend hands out views (view), not host copies")
+
 
 class _CupyBackend(DeviceBackend):
     name = "cuda"
@@ -146,8 +154,7 @@ class _HostCopyBackend(DeviceBackend):
         host = tensor.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
         return host, _bits(host).numpy()
 
-    @staticmethod
-    def commit(tensor: torch.Tensor, host: torch.Tensor) -> None:
+    def commit(self, tensor: torch.Tensor, host: torch.Tensor) -> None:
         tensor.detach().copy_(host)
 
 

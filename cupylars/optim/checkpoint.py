@@ -103,7 +103,7 @@ def _check_finite(label: str, saved: Mapping[str, Any]) -> None:
             )
 
 
-def _any_nonfinite_sharded(value: torch.Tensor) -> bool:
+def _any_nonfinite_sharded(value: Any) -> bool:  # a DTensor
     # Every rank must take the same decision, or one rank raises while the others go on:
     # the local verdicts are combined over every dimension of the mesh.
     import torch.distributed as dist
@@ -124,9 +124,10 @@ def _count(label: str, key: str, value: Any) -> int:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise TypeError(f"{label}: state {key!r} must be a count, got {value!r}")
-    if value < 0 or value != int(value):
+    number = float(value)
+    if number < 0 or number != int(number):
         raise ValueError(f"{label}: state {key!r} must be a non-negative integer, got {value}")
-    return int(value)
+    return int(number)
 
 
 def _tensor(label: str, key: str, value: Any) -> torch.Tensor:
@@ -276,7 +277,7 @@ def import_param_state(
     return out
 
 
-def _import_sharded(param: torch.Tensor, saved: Mapping[str, Any], *, label: str) -> dict[str, Any]:
+def _import_sharded(param: Any, saved: Mapping[str, Any], *, label: str) -> dict[str, Any]:  # a DTensor
     # Sharded state is only reloaded as it was saved: the same DTensor placements.
     if not is_canonical(saved):
         raise ValueError(

@@ -11,7 +11,7 @@ from copy import deepcopy
 from dataclasses import dataclass
 from itertools import chain, compress, repeat
 from operator import attrgetter, is_, is_not
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.optim import Optimizer
@@ -327,7 +327,9 @@ class LARS(Optimizer):
             # Runs before the dense update so that its "raise" leaves every tensor untouched.
             sharded.sharded_step(
                 [
-                    sharded.ShardedWork(w.param, w.grad, self.state[w.param], w.cfg, w.fmt, w.label)
+                    sharded.ShardedWork(
+                        cast(Any, w.param), cast(Any, w.grad), self.state[w.param], w.cfg, w.fmt, w.label
+                    )  # DTensors
                     for w in shards
                 ]
             )
@@ -406,8 +408,9 @@ class LARS(Optimizer):
         for group in self.param_groups:
             params = list(group["params"])
             present = [p.grad is not None for p in params]
-            items = [by_param.get(id(p)) for p in params if p.grad is not None]
-            if any(w is None for w in items):
+            found = [by_param.get(id(p)) for p in params if p.grad is not None]
+            items = [w for w in found if w is not None]
+            if len(items) != len(found):
                 return None  # a gradient appeared after _collect (a hook): no plan
             # Without overrides a group's tensors share one configuration (unused without items).
             struct: tuple = ()
@@ -528,12 +531,13 @@ class LARS(Optimizer):
             return False
         if dtensor_module is not None and any(map(isinstance, grads, repeat(dtensor_module.DTensor))):
             return False
-        dicts = list(map(self.state.get, params))
+        dicts = [self.state.get(p) for p in params]
         if not all(map(is_, dicts, plan.state_dicts)):
             return False
-        if list(chain.from_iterable(dicts)) != plan.state_keys:
+        known = plan.state_dicts  # the same dicts, and never None
+        if list(chain.from_iterable(known)) != plan.state_keys:
             return False
-        values = list(chain.from_iterable(map(dict.values, dicts)))
+        values = list(chain.from_iterable(d.values() for d in known))
         return all(map(is_, values, plan.state_values)) and list(map(_DATA_PTR, values)) == plan.state_ptrs
 
     def _update_bucket(
@@ -626,7 +630,7 @@ class LARS(Optimizer):
             if w.sharded:
                 from . import sharded
 
-                state.update(sharded.new_momentum_state(p, is_8bit))
+                state.update(sharded.new_momentum_state(cast(Any, p), is_8bit))  # a DTensor
             elif is_8bit:
                 state["state1"] = torch.full(p.shape, ZERO_CODE, dtype=torch.uint8, device=device)
                 state["absmax1"] = torch.zeros(num_blocks(p.numel()), dtype=torch.float32, device=device)

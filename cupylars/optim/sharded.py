@@ -80,7 +80,7 @@ def _max_local_numel(param: DTensor) -> tuple[int, int]:
     shape = list(param.shape)
     shards = 1
     for mesh_dim, placement in enumerate(param.placements):
-        if placement.is_shard():
+        if isinstance(placement, Shard):
             size = param.device_mesh.size(mesh_dim)
             shape[placement.dim] = -(-shape[placement.dim] // size)  # torch.chunk sizes: first is largest
             shards *= size
@@ -110,7 +110,7 @@ def absmax_layout(param: DTensor) -> tuple[torch.Size, list[Any], int]:
     return torch.Size([shards, blocks]), placements, blocks
 
 
-def new_momentum_state(param: DTensor, is_8bit: bool) -> dict[str, DTensor]:
+def new_momentum_state(param: DTensor, is_8bit: bool) -> dict[str, torch.Tensor]:
     """Momentum tensors of a sharded parameter, sharded like it."""
     if not is_8bit:
         return {"state1": torch.zeros_like(param, dtype=torch.float32)}
