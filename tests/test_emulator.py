@@ -671,7 +671,8 @@ def test_float32_subnormals_flush_to_zero(cache_dir: Path, threads: int) -> None
     n = a.size
     mul, add, fused = (np.full(n, np.nan, np.float32) for _ in range(3))
     widened, positive = np.full(n, np.nan), np.full(n, -1, np.int32)
-    module.get_function("float_ops")((-(-n // 128),), (128,), (a, b, c, mul, add, fused, widened, positive, np.int32(n)))
+    args = (a, b, c, mul, add, fused, widened, positive, np.int32(n))
+    module.get_function("float_ops")((-(-n // 128),), (128,), args)
 
     fa, fb, fc = flushed(a), flushed(b), flushed(c)
     with np.errstate(under="ignore"):
