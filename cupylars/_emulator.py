@@ -36,8 +36,18 @@ Limits:
 * Spin-waiting on another block cannot succeed since blocks run one at a time.
 * ``extern __shared__`` arrays must be declared at global namespace scope or in
   a function there; each distinct name gets its own 227 KiB buffer.
-* Floating-point code is not contracted into FMAs (``-ffp-contract=off``),
-  whereas NVRTC contracts by default; use ``__fmaf_rn`` where bits matter.
+
+Floating point follows what the GPU computes for cupylars' kernels, so that a
+device run can be compared with the emulator bit for bit:
+
+* No contraction into FMAs (``-ffp-contract=off``); cupylars compiles its
+  kernels with NVRTC's ``--fmad=false`` to match, and the sources write every
+  fused multiply-add they want (``fmaf``/``__fmaf_rn``).
+* float32 subnormals flush to zero, as CuPy's ``-ftz=true`` makes them on the
+  GPU: each OS thread of a launch sets FTZ/DAZ (x86-64) or FZ (AArch64) and
+  restores the caller's bits afterwards. The CPU flag also flushes float64
+  subnormals, which the GPU keeps. On other architectures nothing is flushed
+  and :attr:`EmulatedModule.flushes_subnormals` is False.
 
 Environment: ``CUPYLARS_CACHE_DIR`` (compiled modules go to its ``emulator/``
 folder; default ``~/.cache/cupylars/emulator``), ``CUPYLARS_EMULATOR_CXX``
@@ -78,7 +88,7 @@ __all__ = [
 
 DEFAULT_STACK_SIZE = 64 * 1024
 # Must equal kAbiVersion in cuda_cpu_shim.h.
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 # Must equal kDynamicSharedBytes in cuda_cpu_shim.h.
 _DYNAMIC_SHARED_BYTES = 227 * 1024
 _SIGNATURE_FIELDS = 5
@@ -584,6 +594,9 @@ class EmulatedModule:
             Path(cache_dir) if cache_dir is not None else None,
         )
         self._kernels = {name: EmulatedKernel(self, name, library) for name in names}
+        #: Whether launches flush subnormals to zero like the GPU (-ftz=true); False only
+        #: on a CPU architecture whose flush control the shim does not know.
+        self.flushes_subnormals = bool(library.cupylars_emu_flushes_subnormals())
 
     @property
     def kernel_names(self) -> tuple[str, ...]:

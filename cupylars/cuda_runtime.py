@@ -167,7 +167,16 @@ class CupyRuntime:
         from cupy.cuda import compiler
 
         source_path, _ = kernel_sources()
-        base = ("--std=c++17", f"-I{kernel_dir()}", f"-DCUPYLARS_SOURCE_DIGEST=0x{_source_digest()}")
+        # --fmad=false: NVRTC would otherwise contract a*b+c into FMAs of its own choosing;
+        # the sources write every FMA they want (fmaf/fma), so the GPU rounds exactly as the
+        # CPU emulator (g++ -ffp-contract=off) and the reference do. CuPy appends -ftz=true
+        # itself; the emulator flushes subnormals to match.
+        base = (
+            "--std=c++17",
+            "--fmad=false",
+            f"-I{kernel_dir()}",
+            f"-DCUPYLARS_SOURCE_DIGEST=0x{_source_digest()}",
+        )
         try:
             module = cupy.RawModule(code=source_path.read_text(), options=base)
             module.get_function("lars_finalize")  # compiles now, so a missing header shows here

@@ -86,6 +86,22 @@ struct alignas(4) Codes4 {
   unsigned char v[4];
 };
 
+// A vector access must be aligned to its size: on the GPU an unaligned one is a
+// fault ("misaligned address"), whereas the CPU would quietly accept it. The
+// launcher decides per tensor whether quads are aligned (kFieldVector); the
+// emulator checks every such access, so a wrong rule fails the emulated tests
+// instead of the first run on a GPU. Emulator only: on the GPU the hardware
+// already faults, and the check would cost registers.
+template <int kBytes>
+__device__ __forceinline__ void check_vector_alignment(const void* at) {
+#ifdef CUPYLARS_CPU_EMULATOR
+  assert(reinterpret_cast<unsigned long long>(at) % kBytes == 0 &&
+         "a vector access is not aligned to its size (a misaligned-address fault on the GPU)");
+#else
+  (void)at;
+#endif
+}
+
 __device__ __forceinline__ void zero_quad(float* out) {
 #pragma unroll
   for (int k = 0; k < 4; ++k) out[k] = 0.0f;
@@ -96,6 +112,7 @@ __device__ __forceinline__ void zero_quad(float* out) {
 template <typename T>
 __device__ __forceinline__ void load_quad(const T* x, long long e, long long n, bool vec, float* out) {
   if (vec && e + 4 <= n) {
+    check_vector_alignment<sizeof(Quad<T>)>(x + e);
     const Quad<T> q = *reinterpret_cast<const Quad<T>*>(x + e);
 #pragma unroll
     for (int k = 0; k < 4; ++k) out[k] = to_float(q.v[k]);
@@ -111,6 +128,7 @@ __device__ __forceinline__ void store_quad(T* x, long long e, long long n, bool 
     Quad<T> q;
 #pragma unroll
     for (int k = 0; k < 4; ++k) q.v[k] = from_float<T>(in[k]);
+    check_vector_alignment<sizeof(Quad<T>)>(x + e);
     *reinterpret_cast<Quad<T>*>(x + e) = q;
   } else {
 #pragma unroll
@@ -122,6 +140,7 @@ __device__ __forceinline__ void store_quad(T* x, long long e, long long n, bool 
 __device__ __forceinline__ void load_codes(const unsigned char* c, long long e, long long n, bool vec,
                                            unsigned char* out) {
   if (vec && e + 4 <= n) {
+    check_vector_alignment<sizeof(Codes4)>(c + e);
     const Codes4 q = *reinterpret_cast<const Codes4*>(c + e);
 #pragma unroll
     for (int k = 0; k < 4; ++k) out[k] = q.v[k];
@@ -137,6 +156,7 @@ __device__ __forceinline__ void store_codes(unsigned char* c, long long e, long 
     Codes4 q;
 #pragma unroll
     for (int k = 0; k < 4; ++k) q.v[k] = in[k];
+    check_vector_alignment<sizeof(Codes4)>(c + e);
     *reinterpret_cast<Codes4*>(c + e) = q;
   } else {
 #pragma unroll

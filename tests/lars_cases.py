@@ -7,29 +7,20 @@ import numpy as np
 import spec64
 from hypothesis import strategies as st
 
+# Moved to the hypothesis-free kernel_checks; re-exported for the tests that import them here.
+from kernel_checks import (  # noqa: F401
+    assert_codes_match,
+    dtype_arg,
+    random_grad,
+    random_problem,
+    to_storage,
+    values_of,
+)
+
 from cupylars import functional as F
 
 SHAPES = [(1,), (255,), (256,), (257,), (4095,), (4096,), (4097,), (33, 65)]
 FORMATS = ["float32", "float16", "bfloat16"]
-
-
-def to_storage(values: np.ndarray, fmt: str) -> np.ndarray:
-    """float64 values -> an array in the storage format (bfloat16 as uint16 bits)."""
-    rounded = spec64.round_to(np.asarray(values, dtype=np.float64), fmt)
-    if fmt == "bfloat16":
-        return (rounded.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
-    return rounded.astype(fmt)
-
-
-def values_of(array: np.ndarray, fmt: str) -> np.ndarray:
-    """Stored array -> float64 values."""
-    if fmt == "bfloat16":
-        return (array.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    return array.astype(np.float64)
-
-
-def dtype_arg(fmt: str) -> str | None:
-    return "bfloat16" if fmt == "bfloat16" else None
 
 
 @st.composite
@@ -108,41 +99,3 @@ def compare_step(param, grad, state, hp, fmt, update) -> None:
         else:
             scale = spec.extras["m_scale"] + 1e-30
             np.testing.assert_allclose(state.momentum.ravel(), spec.m, rtol=0, atol=1e-6 * scale)
-
-
-def assert_codes_match(got, want, m_raw, absmax, m_scale, what: str = "") -> None:
-    """8-bit codes of two implementations agree, except by one code where the
-    unquantized ``m`` (``m_raw``, per element, with its block's ``absmax``) lies
-    within float32 rounding of the decision boundary between the two codes.
-
-    Elementwise float32 arithmetic (fused or not) moves m by at most ~1e-6 of
-    the size of its terms (``m_scale``); only elements that close to a boundary
-    may round to the neighbouring code.
-    """
-    got, want = got.astype(np.int64), want.astype(np.int64)
-    gap = np.abs(got - want)
-    assert gap.max(initial=0) <= 1, f"{what}: codes differ by {gap.max()}"
-    idx = np.flatnonzero(gap)
-    if idx.size == 0:
-        return
-    book = F.dynamic_map().astype(np.float64)
-    lo = np.minimum(got, want)[idx]
-    boundary = (book[lo] + book[lo + 1]) / 2
-    scale = absmax[idx].astype(np.float64)
-    x = m_raw[idx] / scale
-    slack = 4e-6 * m_scale / scale + 1e-6
-    far = np.abs(x - boundary) > slack
-    assert not far.any(), (
-        f"{what}: {far.sum()} of {idx.size} differing codes are not at a rounding boundary, e.g. "
-        f"x={x[far][:3]}, boundary={boundary[far][:3]}, slack={slack[far][:3]}"
-    )
-
-
-def random_problem(rng: np.random.Generator, shape, fmt: str, zero_param: bool = False):
-    p = np.zeros(shape) if zero_param else rng.standard_normal(shape) * rng.choice([1e-2, 1.0])
-    return to_storage(p, fmt)
-
-
-def random_grad(rng: np.random.Generator, shape, fmt: str) -> np.ndarray:
-    scale = rng.choice([1e-3, 1e-1, 1.0, 10.0])
-    return to_storage(rng.standard_normal(shape) * scale, fmt)

@@ -162,12 +162,21 @@ def test_raise_with_fresh_momentum_leaves_no_trace():
 
 
 # ---- the on-disk cache ---------------------------------------------------------------------------
+# Child processes import the cupylars this process imported (and build from its sources).
+_PACKAGE_ROOT = str(Path(F.__file__).resolve().parents[1])
+
+
+def _child_env(env: dict) -> dict:
+    path = os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **env}
+
+
 def _run_python(code: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True,
         text=True,
-        env={**os.environ, **env},
+        env=_child_env(env),
         cwd=str(Path(__file__).resolve().parent),
         timeout=600,
     )
@@ -204,7 +213,7 @@ def test_two_processes_building_at_once_share_one_good_library(tmp_path):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, **env},
+            env=_child_env(env),
         )
         for _ in range(2)
     ]

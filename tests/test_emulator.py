@@ -616,3 +616,93 @@ def test_compile_errors_carry_the_compiler_output(tmp_path: Path) -> None:
 def test_unknown_kernel_name(mod: EmulatedModule) -> None:
     with pytest.raises(KeyError, match="not exported"):
         mod.get_function("nope")
+
+
+# ---- flush to zero (CuPy compiles with -ftz=true) -------------------------------------------------
+
+FTZ_KERNELS = Path(__file__).resolve().parent / "kernels" / "ftz_kernels.cu"
+TINY32 = np.finfo(np.float32).tiny  # the smallest normal float32, 2^-126
+
+
+def flushed(x: np.ndarray) -> np.ndarray:
+    """float32 values with subnormals replaced by a zero of the same sign (the GPU's -ftz)."""
+    x = np.asarray(x, dtype=np.float32)
+    return np.where(np.abs(x) < TINY32, np.copysign(np.float32(0), x), x).astype(np.float32)
+
+
+def ftz_inputs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    two = np.float64(2)
+    special = [  # (a, b, c)
+        (1e-20, 1e-20, 0.0),  # product 1e-40: a subnormal result
+        (-1e-20, 1e-20, -0.0),  # the same, negative: -0.0
+        (1e-40, 1.0, 0.0),  # a subnormal input
+        (-1e-40, 3.0, -0.0),
+        (1.5e-38, 1.0, -1.2e-38),  # a sum of normals that is subnormal
+        (two**-70, two**-70, two**-139),  # subnormal product and addend: fma gives 0
+        (two**-63, two**-63, two**-126),  # a normal fma result from a subnormal product
+        (1.0, 2.0, 3.0),
+    ]
+    rng = np.random.default_rng(21)
+    a = rng.standard_normal(2000) * 2.0 ** rng.integers(-70, -55, 2000)
+    b = rng.standard_normal(2000) * 2.0 ** rng.integers(-70, -55, 2000)
+    c = rng.standard_normal(2000) * np.abs(a * b) * 4
+    cols = [np.concatenate([[s[k] for s in special], v]).astype(np.float32) for k, v in enumerate((a, b, c))]
+    return cols[0], cols[1], cols[2]
+
+
+def exact_fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """fmaf(a, b, c) rounded once to float32, and where that is known exactly: a*b is
+    exact in float64; when the float64 sum is exact too (TwoSum error 0), rounding it
+    to float32 is the single rounding of the true value."""
+    p = a.astype(np.float64) * b.astype(np.float64)
+    s = p + c.astype(np.float64)
+    bp = s - p
+    err = (p - (s - bp)) + (c.astype(np.float64) - bp)
+    with np.errstate(under="ignore"):
+        return s.astype(np.float32), err == 0
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float32_subnormals_flush_to_zero(cache_dir: Path, threads: int) -> None:
+    module = EmulatedModule([FTZ_KERNELS], ["float_ops"], cache_dir=cache_dir, threads=threads)
+    if not module.flushes_subnormals:
+        pytest.skip("the emulator knows no flush-to-zero control on this CPU architecture")
+    a, b, c = ftz_inputs()
+    n = a.size
+    mul, add, fused = (np.full(n, np.nan, np.float32) for _ in range(3))
+    widened, positive = np.full(n, np.nan), np.full(n, -1, np.int32)
+    args = (a, b, c, mul, add, fused, widened, positive, np.int32(n))
+    module.get_function("float_ops")((-(-n // 128),), (128,), args)
+
+    fa, fb, fc = flushed(a), flushed(b), flushed(c)
+    with np.errstate(under="ignore"):
+        want_mul = flushed(fa * fb)
+        want_add = flushed(fa + fc)
+    want_fma, exact = exact_fma32(fa, fb, fc)
+    want_fma = flushed(want_fma)
+    assert exact[:8].all() and exact.mean() > 0.9  # the cases the test is about are all known exactly
+    bits = np.uint32
+    np.testing.assert_array_equal(mul.view(bits), want_mul.view(bits))
+    np.testing.assert_array_equal(add.view(bits), want_add.view(bits))
+    np.testing.assert_array_equal(fused.view(bits)[exact], want_fma.view(bits)[exact])
+    np.testing.assert_array_equal(widened, fa.astype(np.float64))
+    np.testing.assert_array_equal(positive, (fa > 0).astype(np.int32))
+    # The flush is what made these differ: IEEE gradual underflow keeps them.
+    with np.errstate(under="ignore"):
+        assert (a[:5] * b[:5])[0] != 0 and a[2] + c[2] != 0 and a[4] + c[4] != 0
+    assert np.signbit(mul[1]) and not np.signbit(mul[0]) and mul[0] == 0 and mul[1] == 0
+    assert fused[5] == 0 and fused[6] == np.float32(2.0**-126 + 2.0**-126)
+    assert widened[2] == 0 and positive[2] == 0
+
+
+def test_the_callers_floating_point_mode_is_restored(cache_dir: Path) -> None:
+    module = EmulatedModule([FTZ_KERNELS], ["float_ops"], cache_dir=cache_dir)
+    x = np.array([1e-20], np.float32)
+    out = [np.zeros(1, np.float32) for _ in range(3)]
+    module.get_function("float_ops")(
+        (1,), (32,), (x, x, x, *out, np.zeros(1), np.zeros(1, np.int32), np.int32(1))
+    )
+    assert out[0][0] == 0 or not module.flushes_subnormals
+    # NumPy, on the calling thread, still has gradual underflow after the launch.
+    with np.errstate(under="ignore"):
+        assert x[0] * x[0] == np.float32(1e-40) != 0

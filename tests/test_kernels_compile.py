@@ -83,8 +83,12 @@ def nvrtc_compile(arch: str) -> tuple[str, bytes]:
 
     prog = check(nvrtc.nvrtcCreateProgram(source.read_bytes(), source.name.encode(), 0, [], []))
     try:
+        # The options cupylars.cuda compiles with (--fmad=false), plus the -ftz=true that
+        # CuPy appends to every NVRTC compile: the code checked here is the code that runs.
         options = [
             b"--std=c++17",
+            b"--fmad=false",
+            b"--ftz=true",
             f"--gpu-architecture={arch}".encode(),
             f"-I{source.parent}".encode(),
             *[f"-I{d}".encode() for d in _include_dirs()],
@@ -146,6 +150,8 @@ def test_nvcc_compiles_every_kernel_without_spills(arch, tmp_path):
     cmd = [
         nvcc,
         "-std=c++17",
+        "--fmad=false",  # as cupylars.cuda compiles (see nvrtc_compile)
+        "-ftz=true",
         f"-arch={arch}",
         "-cubin",
         "-Xptxas=-v",

@@ -21,23 +21,22 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kernel_checks import CONFIGS, FULL, _assert_param_close, _assert_state_close
 from lars_cases import (
     SHAPES,
-    assert_codes_match,
     compare_step,
     dtype_arg,
     hyperparameters,
     random_grad,
     random_problem,
     to_storage,
-    values_of,
 )
 
 from cupylars import cuda, plan, reference
 from cupylars import functional as F
 from cupylars.testing import emulated_cuda, native_cpu
 
-# A mark rather than a module-level skip: tests/test_kernels_gpu.py imports the helpers below.
+# A mark rather than a module-level skip (kept from when the GPU tests imported this module).
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("cupylars._emulator") is None,
     reason="the CPU emulator (cupylars/_emulator.py) is not available",
@@ -45,37 +44,6 @@ pytestmark = pytest.mark.skipif(
 
 FORMATS = ["float32", "float16", "bfloat16"]
 SMALL_CHUNK = 512  # several chunks per tensor from a few thousand elements
-
-# Every switch on at once: the richest path through all three passes.
-FULL = {
-    "lr": 0.1,
-    "momentum": 0.9,
-    "weight_decay": 1e-2,
-    "trust_coefficient": 0.02,
-    "max_unorm": 0.05,
-    "percentile_clipping": 50,
-}
-
-# One entry per switch (and the combinations the update formula distinguishes).
-CONFIGS = {
-    "plain": {"lr": 0.1, "max_unorm": 0.0},
-    "unorm_only": {"lr": 0.5},
-    "momentum": {"lr": 0.1, "momentum": 0.9, "max_unorm": 0.0},
-    "momentum_unorm": {"lr": 0.1, "momentum": 0.9, "max_unorm": 0.01},
-    "dampening": {"lr": 0.1, "momentum": 0.5, "dampening": 0.3, "max_unorm": 0.02},
-    "nesterov": {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3, "max_unorm": 0.02},
-    "nesterov_no_unorm": {"lr": 0.05, "momentum": 0.9, "nesterov": True, "max_unorm": 0.0},
-    "weight_decay": {"lr": 0.1, "weight_decay": 0.1, "max_unorm": 0.02},
-    "trust": {"lr": 0.5, "momentum": 0.9, "trust_coefficient": 0.01, "weight_decay": 1e-4},
-    "trust_clip": {"lr": 0.01, "momentum": 0.9, "trust_coefficient": 0.01, "trust_clip": True},
-    "trust_clip_lr0": {"lr": 0.0, "trust_coefficient": 0.01, "trust_clip": True},
-    "percentile": {"lr": 0.1, "momentum": 0.5, "percentile_clipping": 20, "max_unorm": 0.0},
-    "percentile_5": {"lr": 0.1, "percentile_clipping": 5, "weight_decay": 1e-3},
-    "full": FULL,
-    "propagate": {**FULL, "nonfinite": "propagate"},
-    "raise": {**FULL, "nonfinite": "raise"},
-}
-
 
 KERNEL_BACKENDS = {"emulated-cuda": emulated_cuda, "cpu": native_cpu}
 _current = ["emulated-cuda"]
@@ -103,72 +71,6 @@ def small_chunks(monkeypatch):
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-def _ulp(values: np.ndarray, fmt: str) -> np.ndarray:
-    mant = {"float32": 23, "float16": 10, "bfloat16": 7}[fmt]
-    tiny = {"float32": 2.0**-149, "float16": 2.0**-24, "bfloat16": 2.0**-133}[fmt]
-    exp = np.floor(np.log2(np.maximum(np.abs(values), 1e-300)))
-    return np.maximum(2.0 ** (exp - mant), tiny)
-
-
-def _assert_param_close(got, want, before, fmt, what):
-    g, w, b = (values_of(a, fmt).ravel() for a in (got, want, before))
-    assert np.array_equal(np.isnan(g), np.isnan(w)), f"{what}: NaN positions differ"
-    finite = ~np.isnan(w)
-    g, w, b = g[finite], w[finite], b[finite]
-    step = np.max(np.abs(w - b), initial=0.0)  # the largest update of the tensor
-    tol = _ulp(w, fmt) + 1e-5 * step + 1e-30
-    bad = np.abs(g - w) > tol
-    assert not bad.any(), (
-        f"{what}: {bad.sum()} of {bad.size} differ, e.g. at {np.flatnonzero(bad)[:4]}: "
-        f"got {g[bad][:4]}, want {w[bad][:4]} (tol {tol[bad][:4]})"
-    )
-
-
-def _assert_state_close(
-    got: F.LarsState, want: F.LarsState, prev: F.LarsState, hp: dict, what: str, m_raw=None
-) -> None:
-    """``got`` (kernels) against ``want`` (reference), both one step after ``prev``;
-    ``m_raw`` is the reference's float32 m before quantization (8-bit state)."""
-    assert got.step == want.step, f"{what}: step {got.step} != {want.step}"
-    assert got.skipped == want.skipped, f"{what}: skipped {got.skipped} != {want.skipped}"
-    np.testing.assert_allclose(got.history, want.history, rtol=2e-6, atol=0, err_msg=f"{what}: history")
-    assert got.has_momentum or not want.has_momentum, f"{what}: momentum missing"
-    if not want.has_momentum or want.step == 0:
-        return
-    m_want = want.momentum_buffer().ravel()
-    m_got = got.momentum_buffer().ravel()
-    nan = np.isnan(m_want)  # nonfinite='propagate' carries NaN into m
-    assert np.array_equal(np.isnan(m_got), nan), f"{what}: NaN positions of m differ"
-    # m = mu m_old + (1 - dampening) d rounds at the size of its terms, which
-    # can be far larger than m itself where they cancel.
-    old = prev.momentum_buffer() if prev.step > 0 and prev.has_momentum else None
-    carried = np.zeros_like(m_want) if old is None else np.abs(hp.get("momentum", 0.0) * old.ravel())
-    if got.is_8bit:
-        if m_raw is None:  # the reference skipped this tensor: both must hold the old state
-            np.testing.assert_array_equal(got.codes, want.codes, err_msg=what)
-            np.testing.assert_array_equal(got.absmax, want.absmax, err_msg=what)
-            return
-        terms = np.abs(m_raw) + 2 * carried  # bounds |mu m_old| + |(1 - dampening) d|
-        m_scale = np.max(terms[np.isfinite(terms)], initial=0.0) + 1e-30
-        finite_block = np.repeat(np.isfinite(want.absmax), 256)[: m_raw.size]
-        absmax = np.repeat(want.absmax, 256)[: m_raw.size]
-        assert_codes_match(
-            got.codes.ravel()[finite_block],
-            want.codes.ravel()[finite_block],
-            m_raw[finite_block],
-            absmax[finite_block],
-            m_scale,
-            what,
-        )
-        np.testing.assert_allclose(got.absmax, want.absmax, rtol=1e-6, atol=1e-6 * m_scale, err_msg=what)
-        scale = np.repeat(want.absmax, 256)[: m_want.size][~nan]
-        assert np.all(np.abs(m_got - m_want)[~nan] <= 0.02 * scale + 1e-30), f"{what}: dequantized m"
-    else:
-        terms = np.abs(m_want) + 2 * carried  # bounds |mu m_old| + |(1 - dampening) d|
-        scale = np.max(terms[~np.isnan(terms)], initial=0.0) + 1e-30
-        np.testing.assert_allclose(m_got[~nan], m_want[~nan], rtol=0, atol=1e-6 * scale, err_msg=what)
-
-
 def _make(rng, shapes, fmt, bits, min_8bit_size=0):
     params = [random_problem(rng, s, fmt) for s in shapes]
     states = [

@@ -58,7 +58,7 @@ def test_exact_ties_go_to_the_lower_code():
             ties.append((lo, mid))
     assert len(ties) > 50, "the map has many exactly representable midpoints"
     values = np.array([1.0] + [m for _, m in ties], dtype=np.float32)  # absmax 1: x == value
-    values = values[: BLOCK_SIZE]
+    values = values[:BLOCK_SIZE]
     codes, absmax = F.quantize_blockwise(values)
     assert absmax[0] == 1.0
     for (lo, _), code in zip(ties[: BLOCK_SIZE - 1], codes[1:]):

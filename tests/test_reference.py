@@ -249,8 +249,10 @@ def test_8bit_tracks_32bit_on_a_smooth_problem():
     (w32, l32), (w8, l8) = runs[32], runs[8]
     param_gap = np.linalg.norm(w8 - w32) / np.linalg.norm(w32)
     loss_gap = abs(l8[-1] - l32[-1]) / l32[0]
-    print(f"8-bit vs 32-bit after 100 steps: param gap {param_gap:.2e}, loss gap {loss_gap:.2e} "
-          f"(final loss {l32[-1]:.3e} vs {l8[-1]:.3e}, initial {l32[0]:.3e})")
+    print(
+        f"8-bit vs 32-bit after 100 steps: param gap {param_gap:.2e}, loss gap {loss_gap:.2e} "
+        f"(final loss {l32[-1]:.3e} vs {l8[-1]:.3e}, initial {l32[0]:.3e})"
+    )
     assert l32[-1] < 0.05 * l32[0]
     assert param_gap < 0.01 and loss_gap < 1e-3
 

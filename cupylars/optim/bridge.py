@@ -132,8 +132,21 @@ class _CupyBackend(DeviceBackend):
         cupy = self._cupy
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         stream = torch.cuda.current_stream(index)
-        with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream.cuda_stream, index):
+        with cupy.cuda.Device(index), self._cupy_stream(stream.cuda_stream, index):
             yield
+
+    def _cupy_stream(self, handle: int, index: int) -> Any:
+        # One CuPy object per torch stream, made once: CuPy 14 deprecates ExternalStream
+        # (a warning on every construction, i.e. every step) for Stream.from_external.
+        streams = self.__dict__.setdefault("_streams", {})
+        key = (handle, index)
+        if key not in streams:
+            cupy_stream = self._cupy.cuda.Stream
+            if hasattr(cupy_stream, "from_external"):
+                streams[key] = cupy_stream.from_external(handle, index)
+            else:  # CuPy before 14
+                streams[key] = self._cupy.cuda.ExternalStream(handle, index)
+        return streams[key]
 
     def view(self, tensor: torch.Tensor) -> Any:
         # Called inside context(): DLPack's stream handshake sees torch's own stream and

@@ -36,7 +36,14 @@
 //   * `extern __shared__` arrays get their storage from the generated launch
 //     code (one buffer per distinct name, kDynamicSharedBytes long).
 //   * Floating point is IEEE with no contraction (-ffp-contract=off): a*b+c
-//     is never fused here, whereas NVRTC fuses it by default (--fmad=true).
+//     is never fused here; cupylars compiles with NVRTC's --fmad=false, so the
+//     GPU does not fuse either, and both run the fmaf() the sources write.
+//   * Subnormals flush to zero, as CuPy's -ftz=true makes them do on the GPU:
+//     each OS thread of a launch sets FTZ and DAZ (x86-64 MXCSR) or FZ
+//     (AArch64 FPCR) and restores the caller's bits afterwards. The CPU flag
+//     also flushes float64 subnormals (< 2.2e-308), which the GPU keeps.
+//     Other architectures run without flushing; the module reports it
+//     (cupylars_emu_flushes_subnormals) so that tests can skip.
 #ifndef CUPYLARS_CUDA_CPU_SHIM_H
 #define CUPYLARS_CUDA_CPU_SHIM_H
 
@@ -187,7 +194,7 @@ constexpr std::size_t kDynamicSharedBytes = 227 * 1024;
 constexpr unsigned kMaxIdlePasses = 1u << 16;
 constexpr double kMaxIdleSeconds = 10.0;
 // Bumped whenever the launch/signature entry points change.
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 
 enum class State : unsigned char { kRunnable, kBlockBarrier, kWarpBarrier, kDone };
 
@@ -738,6 +745,53 @@ inline void fiber_main(unsigned lo, unsigned hi) {
   }
 }
 
+// ---- float32 subnormals flush to zero, as on the GPU ------------------------------------------
+// CuPy compiles every kernel with -ftz=true: subnormal inputs of float32 arithmetic
+// read as zero and subnormal results become zero (sign kept). The CPU does the same
+// in hardware once its control register says so. The register is per OS thread, so
+// each worker sets it for the launch and puts the caller's bits back (Python and
+// NumPy run on the calling thread afterwards). Set before the fibers are created:
+// getcontext captures the register and setcontext restores it when a fiber starts.
+#if defined(__x86_64__)
+constexpr bool kFlushesSubnormals = true;
+class FlushSubnormals {
+ public:
+  FlushSubnormals() : saved_(__builtin_ia32_stmxcsr()) { __builtin_ia32_ldmxcsr(saved_ | kFtz | kDaz); }
+  ~FlushSubnormals() { __builtin_ia32_ldmxcsr(saved_); }
+  FlushSubnormals(const FlushSubnormals&) = delete;
+  FlushSubnormals& operator=(const FlushSubnormals&) = delete;
+
+ private:
+  static constexpr unsigned kFtz = 1u << 15;  // flush subnormal results to zero
+  static constexpr unsigned kDaz = 1u << 6;   // read subnormal inputs as zero
+  unsigned saved_;
+};
+#elif defined(__aarch64__)
+constexpr bool kFlushesSubnormals = true;
+class FlushSubnormals {
+ public:
+  // FZ flushes subnormal inputs and results alike (AArch64 has no separate DAZ).
+  // (Inline assembly rather than builtins: g++ and clang++ spell those differently.)
+  FlushSubnormals() {
+    asm volatile("mrs %0, fpcr" : "=r"(saved_));
+    const unsigned long long flushed = saved_ | kFz;
+    asm volatile("msr fpcr, %0" : : "r"(flushed));
+  }
+  ~FlushSubnormals() { asm volatile("msr fpcr, %0" : : "r"(saved_)); }
+  FlushSubnormals(const FlushSubnormals&) = delete;
+  FlushSubnormals& operator=(const FlushSubnormals&) = delete;
+
+ private:
+  static constexpr unsigned long long kFz = 1ull << 24;
+  unsigned long long saved_;
+};
+#else
+// No flush control known here: the module says so (cupylars_emu_flushes_subnormals)
+// and results differ from the GPU's where a float32 subnormal occurs.
+constexpr bool kFlushesSubnormals = false;
+struct FlushSubnormals {};
+#endif
+
 // Kept out of run_worker: getcontext "returns twice", which would make the
 // compiler pessimise (and warn about) the caller's locals.
 __attribute__((noinline)) inline void start_fiber(Fiber& f, char* stack, std::size_t size) {
@@ -751,6 +805,7 @@ __attribute__((noinline)) inline void start_fiber(Fiber& f, char* stack, std::si
 }
 
 inline void run_worker(Launch& launch) {
+  const FlushSubnormals flush;  // before start_fiber: the fibers' contexts capture it
   try {
     const unsigned n = launch.threads_per_block;
     StackPool& pool = stack_pool();
@@ -1473,6 +1528,9 @@ inline long long clock64() {
 #define CUPYLARS_EMU_EXPORT_MODULE()                                                                         \
   extern "C" __attribute__((visibility("default"))) int cupylars_emu_abi_version() {                        \
     return ::cupylars_emu::kAbiVersion;                                                                     \
+  }                                                                                                          \
+  extern "C" __attribute__((visibility("default"))) int cupylars_emu_flushes_subnormals() {                  \
+    return ::cupylars_emu::kFlushesSubnormals ? 1 : 0;                                                      \
   }
 
 #endif  // CUPYLARS_CUDA_CPU_SHIM_H

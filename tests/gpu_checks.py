@@ -1,0 +1,362 @@
+"""The GPU checks, without pytest or hypothesis: the kernels on a GPU (CuPy arrays)
+against the NumPy reference, determinism, CUDA-graph capture, and the device
+against the CPU emulator bit for bit.
+
+tests/test_kernels_gpu.py runs them under pytest; scripts/gpu_check.py runs them on
+an image that has only NumPy, CuPy (and torch for the benchmark). Each check is a
+plain function of the ``cupy`` module that raises AssertionError on a mismatch and
+:class:`Skip` when it cannot run here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+from kernel_checks import CONFIGS, FULL, _assert_param_close, _assert_state_close, dtype_arg, random_grad
+from kernel_checks import random_problem as _random_problem
+
+from cupylars import cuda, plan, reference
+from cupylars import functional as F
+from cupylars.state import LarsState
+from cupylars.testing import emulated_cuda
+
+SHAPES = [(1,), (255,), (257,), (4097,), (33, 65), (70000,)]
+FORMATS = ["float32", "float16", "bfloat16"]
+
+
+class Skip(Exception):  # noqa: N818 (a signal that a check cannot run, not an error)
+    """The check cannot run here (the message says why)."""
+
+
+def load_cupy() -> tuple[Any, str | None]:
+    """``(cupy, None)`` when CuPy and a CUDA device are usable, else ``(None, why not)``."""
+    try:
+        import cupy
+    except Exception as e:  # ImportError, or a broken CUDA install raising on import
+        return None, f"CuPy not available ({type(e).__name__}: {e})"
+    try:
+        available = bool(cupy.cuda.is_available())
+    except Exception as e:  # a broken driver install raises instead of answering False
+        return None, f"no CUDA device available to CuPy ({type(e).__name__}: {e})"
+    if not available:
+        return None, "no CUDA device available to CuPy"
+    return cupy, None
+
+
+@contextlib.contextmanager
+def chunk_size(chunk: int) -> Iterator[None]:
+    """Launch with ``chunk`` elements per block (several chunks from small tensors)."""
+    before = plan.CHUNK_SIZE
+    plan.CHUNK_SIZE = chunk
+    try:
+        yield
+    finally:
+        plan.CHUNK_SIZE = before
+
+
+def _on(state: LarsState, move: Callable[[Any], Any]) -> LarsState:
+    """A copy of ``state`` with its arrays passed through ``move`` (shape etc. kept)."""
+    meta = ("shape", "param_format", "is_8bit")
+    return LarsState.from_dict({k: v if k in meta else move(v) for k, v in state.to_dict().items()})
+
+
+def _fmt_of(p: np.ndarray, dtype: str | None) -> str:
+    return "bfloat16" if dtype == "bfloat16" else str(p.dtype)
+
+
+def reference_step(params, grads, states, hp, dtype):
+    """The reference's step on host copies; returns its params, states and, per 8-bit
+    state, its float32 m before quantization (what a code is judged against)."""
+    ref_params = [p.copy() for p in params]
+    ref_states = [_on(s, np.copy) for s in states]
+    raw_m: dict[int, np.ndarray] = {}
+    store = reference._store_momentum
+
+    def spy(state, m):
+        raw_m[id(state)] = np.asarray(m, dtype=np.float64).ravel()
+        store(state, m)
+
+    reference._store_momentum = spy
+    try:
+        F.lars_update_many(ref_params, grads, ref_states, dtype=dtype, **hp)
+    finally:
+        reference._store_momentum = store
+    return ref_params, ref_states, [raw_m.get(id(s)) for s in ref_states]
+
+
+def gpu_step_and_compare(cp, d_params, grads, d_states, hp, dtype, what=""):
+    """One GPU step (host grads copied over) against the reference from the same state."""
+    h_params = [cp.asnumpy(p) for p in d_params]
+    prev = [_on(s, cp.asnumpy) for s in d_states]
+    ref_params, ref_states, raw_m = reference_step(h_params, grads, prev, hp, dtype)
+    F.lars_update_many(d_params, [cp.asarray(g) for g in grads], d_states, dtype=dtype, **hp)
+    for i, p in enumerate(d_params):
+        fmt = _fmt_of(h_params[i], dtype)
+        where = f"{what} tensor {i} {fmt}"
+        _assert_param_close(cp.asnumpy(p), ref_params[i], h_params[i], fmt, where)
+        _assert_state_close(_on(d_states[i], cp.asnumpy), ref_states[i], prev[i], hp, where, raw_m[i])
+
+
+def _problem(cp, seed, shapes, fmt, bits, min_8bit_size=0):
+    rng = np.random.default_rng(seed)
+    params = [_random_problem(rng, s, fmt) for s in shapes]
+    states = [
+        F.init_state(p, optim_bits=bits, min_8bit_size=min_8bit_size, dtype=dtype_arg(fmt)) for p in params
+    ]
+    return rng, [cp.asarray(p) for p in params], [_on(s, cp.asarray) for s in states]
+
+
+# ---- the checks ---------------------------------------------------------------------------------
+def check_every_shape(cp, fmt: str, bits: int) -> None:
+    rng, params, states = _problem(cp, zlib.crc32(f"{fmt}{bits}".encode()), SHAPES, fmt, bits)
+    for t in range(5):
+        grads = [random_grad(rng, p.shape, fmt) for p in params]
+        gpu_step_and_compare(cp, params, grads, states, FULL, dtype_arg(fmt), f"step {t}")
+    assert all(s.step == 5 for s in states)
+
+
+def check_switch(cp, name: str) -> None:
+    with chunk_size(1024):
+        rng, params, states = _problem(cp, len(name), [(1,), (300,), (5000,), (33, 65)], "float32", 8, 1000)
+        for t in range(4):
+            grads = [random_grad(rng, p.shape, "float32") for p in params]
+            gpu_step_and_compare(cp, params, grads, states, CONFIGS[name], None, f"{name} step {t}")
+
+
+def check_skip_and_raise(cp) -> None:
+    rng, params, states = _problem(cp, 3, [(600,), (3000,)], "float32", 32)
+    grads = [random_grad(rng, p.shape, "float32") for p in params]
+    gpu_step_and_compare(cp, params, grads, states, FULL, None, "warm-up")
+    grads[1] = grads[1].copy()
+    grads[1][7] = np.nan
+    before = cp.asnumpy(params[1])
+    try:
+        F.lars_update_many(params, [cp.asarray(g) for g in grads], states, **{**FULL, "nonfinite": "raise"})
+    except FloatingPointError as e:
+        assert "[1]" in str(e), f"the error does not name tensor [1]: {e}"
+    else:
+        raise AssertionError("nonfinite='raise' did not raise on a NaN gradient")
+    assert states[0].step == 1 and states[1].step == 1
+    gpu_step_and_compare(cp, params, grads, states, FULL, None, "skip")
+    np.testing.assert_array_equal(cp.asnumpy(params[1]), before)
+    assert (states[0].step, states[1].step, states[1].skipped) == (2, 1, 1)
+
+
+def _run_steps(cp, seed, fmt, bits, steps=4):
+    rng, params, states = _problem(cp, seed, [(1,), (1000,), (70000,), (33, 65)], fmt, bits, 500)
+    grads = [[cp.asarray(random_grad(rng, p.shape, fmt)) for p in params] for _ in range(steps)]
+    for g in grads:
+        F.lars_update_many(params, g, states, dtype=dtype_arg(fmt), **FULL)
+    return params, states
+
+
+def check_two_runs_are_bitwise_identical(cp, bits: int) -> None:
+    (p1, s1), (p2, s2) = _run_steps(cp, 11, "bfloat16", bits), _run_steps(cp, 11, "bfloat16", bits)
+    for a, b in zip(p1, p2):
+        assert cp.asnumpy(a).tobytes() == cp.asnumpy(b).tobytes()
+    for a, b in zip(s1, s2):
+        for k, arr in a.arrays().items():
+            assert cp.asnumpy(arr).tobytes() == cp.asnumpy(getattr(b, k)).tobytes(), k
+
+
+def check_graph_capture(cp) -> None:
+    """A step after the first (tables cached) captures into a CUDA graph: any host
+    synchronisation or upload inside it would break the capture."""
+    stream = cp.cuda.Stream(non_blocking=True)
+    if not hasattr(stream, "begin_capture"):
+        raise Skip("this CuPy has no stream capture")
+    rng, params, states = _problem(cp, 5, [(3,), (5000,), (70000,)], "float32", 8, 1000)
+    grads = [cp.asarray(random_grad(rng, p.shape, "float32")) for p in params]
+    twin_p = [p.copy() for p in params]
+    twin_s = [_on(s, cp.copy) for s in states]
+    with stream:
+        F.lars_update_many(params, grads, states, **FULL)  # first step: builds and uploads the tables
+        stream.synchronize()
+        stream.begin_capture()
+        F.lars_update_many(params, grads, states, **FULL)
+        graph = stream.end_capture()
+        graph.launch()
+        graph.launch()
+    stream.synchronize()
+    assert all(s.step == 3 for s in states)
+    for _ in range(3):  # the same three steps without a graph, on the default stream
+        F.lars_update_many(twin_p, grads, twin_s, **FULL)
+    for a, b in zip(params, twin_p):
+        assert cp.asnumpy(a).tobytes() == cp.asnumpy(b).tobytes()
+
+
+def check_launch_count(cp) -> None:
+    sizes = np.random.default_rng(0).integers(1, 3000, 200)
+    rng, params, states = _problem(cp, 6, [(int(n),) for n in sizes], "float16", 32)
+    grads = [cp.asarray(random_grad(rng, p.shape, "float16")) for p in params]
+    with cuda.record_launches() as launches:
+        F.lars_update_many(params, grads, states, **FULL)
+    assert len(launches) == 3, f"{len(launches)} launches"
+
+
+def check_other_device_rejected(cp) -> None:
+    if cp.cuda.runtime.getDeviceCount() < 2:
+        raise Skip("needs two GPUs")
+    with cp.cuda.Device(1):
+        p = cp.ones(10, cp.float32)
+        g = cp.ones(10, cp.float32)
+        state = F.init_state(p)
+    with cp.cuda.Device(0):
+        try:
+            F.lars_update(p, g, state, lr=0.1)
+        except ValueError as e:
+            assert "device" in str(e), str(e)
+        else:
+            raise AssertionError("arrays on another device were accepted")
+
+
+def check_backend_reason(cp) -> None:
+    backend = F.backend_for([cp.zeros(3, cp.float32)])
+    assert backend.name == "cuda" and "CuPy" in backend.reason, backend.describe()
+
+
+CHECKS: list[tuple[str, Callable[..., None], dict[str, Any]]] = [
+    *[
+        (f"every_shape[{fmt}-{bits}]", check_every_shape, {"fmt": fmt, "bits": bits})
+        for fmt in FORMATS
+        for bits in (32, 8)
+    ],
+    *[(f"every_switch[{name}]", check_switch, {"name": name}) for name in CONFIGS],
+    ("skip_and_raise", check_skip_and_raise, {}),
+    *[(f"bitwise_identical[{b}]", check_two_runs_are_bitwise_identical, {"bits": b}) for b in (32, 8)],
+    ("graph_capture", check_graph_capture, {}),
+    ("launch_count", check_launch_count, {}),
+    ("other_device_rejected", check_other_device_rejected, {}),
+    ("backend_reason", check_backend_reason, {}),
+]
+
+
+# ---- the device against the emulator, bit for bit -------------------------------------------------
+SMALL_CHUNK = 512
+# Sizes around a warp tile (256), a block's chunk (SMALL_CHUNK) and its multiples.
+SMALL_SIZES = [(1,), (255,), (256,), (257,), (511,), (512,), (513,), (1025,), (33, 65)]
+LARGE_SIZES = [(16383,), (16385,)]  # around the default chunk (plan.CHUNK_SIZE)
+MODES = {"none": (32, 0.0), "32": (32, 0.9), "8": (8, 0.9)}  # optim_bits, momentum
+
+
+def bitexact_cases() -> list[dict[str, Any]]:
+    """The case matrix: every format and state mode with every switch on, each switch
+    on its own, non-finite gradients under each policy that steps, two chunk sizes."""
+    cases = []
+    for fmt in FORMATS:
+        for mode, (bits, momentum) in MODES.items():
+            hp = {**FULL, "momentum": momentum}
+            cases.append(
+                {"name": f"{fmt}/{mode}/full", "fmt": fmt, "bits": bits, "hp": hp, "chunk": SMALL_CHUNK}
+            )
+        cases.append(
+            {"name": f"{fmt}/32/full/default-chunk", "fmt": fmt, "bits": 32, "hp": FULL, "chunk": None}
+        )
+    for name, hp in CONFIGS.items():
+        if hp.get("nonfinite") == "raise":
+            continue
+        for fmt, bits in (("float32", 32), ("bfloat16", 8)):
+            cases.append(
+                {
+                    "name": f"{fmt}/{bits}/switch-{name}",
+                    "fmt": fmt,
+                    "bits": bits,
+                    "hp": hp,
+                    "chunk": SMALL_CHUNK,
+                }
+            )
+    for policy in ("skip", "propagate"):
+        for fmt, bits in (("float16", 32), ("float32", 8)):
+            cases.append(
+                {
+                    "name": f"{fmt}/{bits}/nonfinite-{policy}",
+                    "fmt": fmt,
+                    "bits": bits,
+                    "hp": {**FULL, "nonfinite": policy},
+                    "chunk": SMALL_CHUNK,
+                    "nonfinite": True,
+                }
+            )
+    return cases
+
+
+def _poison(grad: np.ndarray, index: int, value: float, fmt: str) -> None:
+    bits = {np.nan: 0x7FC0, np.inf: 0x7F80}  # bfloat16 is stored as its uint16 bits
+    grad.reshape(-1)[index] = bits[value] if fmt == "bfloat16" else value
+
+
+def run_case(case: dict[str, Any], to_device: Callable, to_host: Callable, context, steps: int = 3):
+    """Runs ``case`` with arrays moved by ``to_device`` inside ``context()``; returns the
+    bytes of every output array after each step: ``[(label, bytes, dtype), ...]``."""
+    fmt, bits, hp = case["fmt"], case["bits"], case["hp"]
+    shapes = SMALL_SIZES + (LARGE_SIZES if case["chunk"] is None else [])
+    rng = np.random.default_rng(zlib.crc32(case["name"].encode()))
+    host_params = [_random_problem(rng, s, fmt) for s in shapes]
+    grads = [[random_grad(rng, s, fmt) for s in shapes] for _ in range(steps)]
+    if case.get("nonfinite"):  # a NaN in step 1, an infinity in step 2
+        _poison(grads[1][2], 3, np.nan, fmt)
+        _poison(grads[2][4], 0, np.inf, fmt)
+    states = [F.init_state(p, optim_bits=bits, min_8bit_size=0, dtype=dtype_arg(fmt)) for p in host_params]
+    params = [to_device(p) for p in host_params]
+    states = [_on(s, to_device) for s in states]
+    out = []
+    with chunk_size(case["chunk"] or plan.CHUNK_SIZE), context():
+        for t in range(steps):
+            F.lars_update_many(params, [to_device(g) for g in grads[t]], states, dtype=dtype_arg(fmt), **hp)
+            for i, (p, s) in enumerate(zip(params, states)):
+                arrays = {"p": p, **s.arrays()}
+                for k, a in arrays.items():
+                    h = np.ascontiguousarray(to_host(a))
+                    out.append((f"step {t} tensor {i} {k}", h.tobytes(), h.dtype))
+    return out
+
+
+def compare_bits(got, want, limit: int = 3) -> list[str]:
+    """Mismatches between two :func:`run_case` results, described (first ``limit`` each)."""
+    problems = []
+    if [g[0] for g in got] != [w[0] for w in want]:
+        return ["the two runs produced different arrays"]
+    for (label, a, dtype), (_, b, _) in zip(got, want):
+        if a == b:
+            continue
+        x, y = np.frombuffer(a, dtype), np.frombuffer(b, dtype)
+        if x.size != y.size:
+            problems.append(f"{label}: sizes differ ({x.size} vs {y.size})")
+            continue
+        bits = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[dtype.itemsize]
+        bad = np.flatnonzero(x.view(bits) != y.view(bits))
+        shown = ", ".join(f"[{i}] {x[i]!r} vs {y[i]!r}" for i in bad[:limit])
+        problems.append(f"{label}: {bad.size} of {x.size} differ: {shown}")
+    return problems
+
+
+def emulator_runner() -> Callable[[dict[str, Any]], list]:
+    def run(case):
+        return run_case(case, np.copy, np.asarray, emulated_cuda)
+
+    return run
+
+
+def device_runner(cp) -> Callable[[dict[str, Any]], list]:
+    def run(case):
+        return run_case(case, cp.asarray, cp.asnumpy, contextlib.nullcontext)
+
+    return run
+
+
+def bitexact(run_a, run_b, cases, report: Callable[[str], None]) -> tuple[int, int]:
+    """Runs every case both ways and reports each; returns (cases equal, cases run)."""
+    equal = 0
+    for case in cases:
+        problems = compare_bits(run_a(case), run_b(case))
+        equal += not problems
+        report(
+            f"bitexact {case['name']}: " + ("identical" if not problems else f"{len(problems)} MISMATCHES")
+        )
+        for line in problems[:10]:
+            report(f"    {line}")
+    return equal, len(cases)
