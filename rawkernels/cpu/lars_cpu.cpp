@@ -162,16 +162,25 @@ inline void nearest_codes(const CodeIndex& ix, const float* x, int n, unsigned c
 class Pool {
  public:
   // Runs body(i) for i in [0, n) on up to `threads` threads (the caller is one).
-  void parallel_for(long long n, int threads, const std::function<void(long long)>& body) {
+  // Threads take runs of consecutive indices (about an eighth of a thread's share
+  // each), so each walks long stretches of memory that the prefetchers can follow,
+  // and runs are handed out as threads finish, which balances uneven work.
+  // `backward` hands out the runs from the end (each run still ascends).
+  void parallel_for(long long n, int threads, bool backward, const std::function<void(long long)>& body) {
     threads = static_cast<int>(std::min<long long>(threads, n));
     if (threads <= 1) {
       for (long long i = 0; i < n; ++i) body(i);
       return;
     }
     std::lock_guard<std::mutex> call(call_mutex_);  // one parallel region at a time
+    const long long grain = std::max<long long>(1, n / (8LL * threads));
     std::atomic<long long> next{0};
     const std::function<void()> drain = [&] {
-      for (long long i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) body(i);
+      for (long long run; (run = next.fetch_add(grain, std::memory_order_relaxed)) < n;) {
+        const long long lo = backward ? std::max<long long>(0, n - run - grain) : run;
+        const long long hi = backward ? n - run : std::min(n, run + grain);
+        for (long long i = lo; i < hi; ++i) body(i);
+      }
     };
     {
       std::unique_lock<std::mutex> lock(mutex_);
@@ -458,7 +467,7 @@ LARS_EXPORT int lars_cpu_step(const long long* tensors, int num_tensors, const l
     return row;
   };
 
-  workers.parallel_for(num_blocks, threads, [&](long long b) {
+  workers.parallel_for(num_blocks, threads, false, [&](long long b) {
     long long start, end;
     const long long* row = row_of(b, &start, &end);
     const int kind = static_cast<int>(row[kFieldKind]);
@@ -487,9 +496,8 @@ LARS_EXPORT int lars_cpu_step(const long long* tensors, int num_tensors, const l
   const float keep = static_cast<float>(1.0 - dampening);
   const bool nesterov = (switches & kSwitchNesterov) != 0;
   const bool uses_m = (switches & kSwitchMomentum) != 0;
-  // Last chunk first: the stats phase ended there, so its data may still be in cache.
-  workers.parallel_for(num_blocks, threads, [&](long long i) {
-    const long long b = num_blocks - 1 - i;
+  // Last chunks first: the stats phase ended there, so their data may still be in cache.
+  workers.parallel_for(num_blocks, threads, true, [&](long long b) {
     long long start, end;
     const long long* row = row_of(b, &start, &end);
     const int t = block_tensor(blocks[b]);
