@@ -82,7 +82,7 @@ def reference_step(params, grads, states, hp, dtype):
 
     reference._store_momentum = spy
     try:
-        F.lars_update_many(ref_params, grads, ref_states, dtype=dtype, **hp)
+        F.lars_update_many(ref_params, grads, ref_states, dtype=dtype, backend="reference", **hp)
     finally:
         reference._store_momentum = store
     return ref_params, ref_states, [raw_m.get(id(s)) for s in ref_states]

@@ -95,7 +95,7 @@ def step_and_compare(params, grads, states, hp, dtype, what=""):
 
     reference._store_momentum = spy
     try:
-        F.lars_update_many(ref_params, grads, ref_states, dtype=dtype, **hp)
+        F.lars_update_many(ref_params, grads, ref_states, dtype=dtype, backend="reference", **hp)
     except FloatingPointError as e:
         ref_error = e
     finally:
@@ -454,7 +454,7 @@ def test_replaced_state_arrays_and_params_are_updated(small_chunks):
             params[0] = old_p.copy()  # the list another parameter (of the same shape)
             frozen_p = old_p.copy()
         _run(params, grads, states)
-        F.lars_update_many(twins, grads, twin_states, **FULL)
+        F.lars_update_many(twins, grads, twin_states, backend="reference", **FULL)
     np.testing.assert_array_equal(old_m, frozen_m)  # the replaced arrays were left alone
     np.testing.assert_array_equal(old_p, frozen_p)
     for p, q in zip(params, twins):
