@@ -3,8 +3,9 @@
 One call of :meth:`CudaBackend.update_many` launches, whatever the number of
 tensors (docs/kernels.md):
 
-1. ``lars_stats_<fmt>_<state>``: one block per (tensor, chunk) writes the
-   chunk's dot products g.g, p.p, m.m, g.p, g.m, p.m (float64) to a scratch array;
+1. ``lars_stats_<fmt>_<reads>``: one block per (tensor, chunk) writes the
+   chunk's dot products g.g, p.p, m.m, g.p, g.m, p.m (float64; those of what the
+   variant reads: g, p, m) to a scratch array;
 2. ``lars_finalize``: one block per tensor reduces them in a fixed order and
    computes, on the device, the skip decision, the percentile history and gamma,
    the trust ratio, ||u|| and s, and advances the step counter;
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import plan as tables
+from . import quantization
 from .config import NONFINITE_POLICIES, LarsConfig, nonfinite_error
 from .cuda_runtime import (
     FINALIZE_THREADS,
@@ -153,6 +155,7 @@ class CudaBackend:
         self._retired_lock = threading.Lock()
         self._watched: weakref.WeakSet[PreparedBatch] = weakref.WeakSet()
         self._writeable = attrgetter("writeable") if runtime.xp is np else _writeable
+        self._code_tables: dict[int, Any] = {}
 
     def __repr__(self) -> str:
         return f"<cupylars CUDA backend {self.name!r}: {self.reason}>"
@@ -191,10 +194,13 @@ class CudaBackend:
 
         ctx = rt.context()
         with batch.lock:
-            plan = self._plan(ctx, chunk, batch, params, grads, grad_addresses, states, uses_m, stats_m)
+            plan = self._plan(
+                ctx, chunk, batch, params, grads, grad_addresses, states, uses_m, stats_m, need_p
+            )
         scratch = self._scratch_for(ctx, plan, batch)
-        code_map = rt.code_map()
-        self._launch_chunks(plan.host.stats_runs, plan, chunk, np.int32(need_p), code_map, scratch.partials)
+        code_table = self._code_table(ctx[0])
+        # What the stats pass reads (g; p; m) is in its kernel's name (the plan's runs).
+        self._launch_chunks(plan.host.stats_runs, plan, chunk, code_table, scratch.partials)
 
         if raising:
             # The one synchronising path: the stats pass's g.g partials say which
@@ -207,7 +213,7 @@ class CudaBackend:
                 self._give_momentum(batch, states)
                 with batch.lock:
                     plan = self._plan(
-                        ctx, chunk, batch, params, grads, grad_addresses, states, uses_m, stats_m
+                        ctx, chunk, batch, params, grads, grad_addresses, states, uses_m, stats_m, need_p
                     )
 
         self._launch(
@@ -235,10 +241,18 @@ class CudaBackend:
         mu = np.float32(cfg.momentum)
         keep = np.float32(1.0 - cfg.dampening)
         # Launched last-first: the stats pass ended there, so that data may still be in L2.
-        tail = (scratch.coefs, code_map, lam, mu, keep, np.int32(cfg.nesterov))
+        tail = (scratch.coefs, code_table, lam, mu, keep, np.int32(cfg.nesterov))
         self._launch_chunks(plan.host.update_runs[::-1], plan, chunk, *tail)
 
     # -- internals -------------------------------------------------------------------------------
+    def _code_table(self, device: int) -> Any:
+        """quantization.code_table() on ``device`` (the 8-bit kernels' map and thresholds),
+        uploaded at its first use there and kept."""
+        table = self._code_tables.get(device)
+        if table is None:
+            table = self._code_tables[device] = self.runtime.xp.asarray(quantization.code_table())
+        return table
+
     def _chunk(self) -> int:
         return tables.check_chunk(self.chunk_size if self.chunk_size is not None else tables.CHUNK_SIZE)
 
@@ -311,11 +325,12 @@ class CudaBackend:
         states: Sequence[LarsState],
         uses_m: bool,
         stats_m: bool,
+        need_p: bool,
     ) -> _Plan:
         address = self.runtime.address
         live = batch.live
         param_addresses = list(map(address, map(params.__getitem__, live)))
-        key = (ctx, chunk, uses_m, stats_m)
+        key = (ctx, chunk, uses_m, stats_m, need_p)
         plan = batch.tables.get(key)
         if plan is None or plan.param_addresses != param_addresses:
             self._check_states(params, states)
@@ -333,7 +348,7 @@ class CudaBackend:
                 self._watched.add(batch)
                 weakref.finalize(batch, self._retire_all, batch.tables)
             plan = batch.tables[key] = self._build_plan(
-                batch, param_addresses, rows, states, chunk, uses_m, stats_m
+                batch, param_addresses, rows, states, chunk, uses_m, stats_m, need_p
             )
             return plan
         if grads is not None:
@@ -395,6 +410,7 @@ class CudaBackend:
         chunk: int,
         uses_m: bool,
         stats_m: bool,
+        need_p: bool,
     ) -> _Plan:
         """Tables for the live tensors; both address lists follow ``batch.live``."""
         check_no_overlap(batch.live, param_addresses, [batch.nbytes[i] for i in batch.live])
@@ -409,6 +425,7 @@ class CudaBackend:
             chunk,
             uses_m,
             stats_m,
+            need_p,
         )
         device_table, keepalive = self.runtime.upload(host.table)
         split = host.num_tensors * TENSOR_FIELDS

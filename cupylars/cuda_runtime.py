@@ -25,7 +25,7 @@ import numpy as np
 
 from . import quantization
 from ._paths import kernel_dir
-from .plan import FORMAT_NAMES, STATE_NAMES
+from .plan import FORMAT_NAMES, STATE_NAMES, STATS_NAMES
 
 __all__ = [
     "FINALIZE_THREADS",
@@ -46,13 +46,9 @@ KERNEL_HEADER = "lars_common.cuh"
 
 def kernel_names() -> list[str]:
     """Every ``extern "C"`` kernel in rawkernels/lars_kernels.cu."""
-    names = [
-        f"lars_{kind}_{fmt}_{state}"
-        for kind in ("stats", "update")
-        for fmt in FORMAT_NAMES
-        for state in STATE_NAMES
-    ]
-    return [*names, "lars_finalize"]
+    stats = [f"lars_stats_{fmt}_{reads}" for fmt in FORMAT_NAMES for reads in STATS_NAMES]
+    update = [f"lars_update_{fmt}_{state}" for fmt in FORMAT_NAMES for state in STATE_NAMES]
+    return [*stats, *update, "lars_finalize"]
 
 
 def kernel_sources() -> tuple[Path, Path]:

@@ -51,6 +51,9 @@ NO_STATE, STATE_32, STATE_8 = 0, 1, 2
 
 FORMAT_NAMES = ("f32", "f16", "bf16")  # kernel-name spelling of formats.FORMATS
 STATE_NAMES = ("nostate", "state32", "state8")
+#: Stats kernels by what they read: g only, then g and p ("nostate"), then g, p
+#: and m of each state mode (lars_kernels.cu's LARS_FORMAT).
+STATS_NAMES = ("gradonly", *STATE_NAMES)
 
 #: Default elements per chunk: 64 per thread of a 256-thread CUDA block, 64 KiB of
 #: float32 per array on the CPU. A multiple of TILE so that chunks never split an
@@ -122,11 +125,14 @@ def build_tables(
     chunk: int,
     uses_m: bool,
     stats_m: bool,
+    need_p: bool = True,
 ) -> Tables:
     """Tables for the ``live`` tensors; both address lists follow ``live``.
 
     ``formats`` and ``itemsizes`` are per tensor of the caller's list; ``address``
-    gives an array's address (the backend's runtime knows how).
+    gives an array's address (the backend's runtime knows how). The stats pass
+    reads m when ``stats_m`` (momentum and max_unorm), else p when ``need_p``
+    (trust ratio or max_unorm), else only g; its kernels are named after it.
     """
     specs = []
     for k, i in enumerate(live):
@@ -188,10 +194,11 @@ def build_tables(
     stats_runs: list[list] = []
     for k, r in enumerate(specs):
         fmt, mode = r[0], r[1]
+        stats_reads = STATE_NAMES[mode] if stats_m else ("nostate" if need_p else "gradonly")
         lo, count = int(first[k]), int(nblocks[k])
         for runs, kernel in (
             (update_runs, f"lars_update_{FORMAT_NAMES[fmt]}_{STATE_NAMES[mode]}"),
-            (stats_runs, f"lars_stats_{FORMAT_NAMES[fmt]}_{STATE_NAMES[mode if stats_m else NO_STATE]}"),
+            (stats_runs, f"lars_stats_{FORMAT_NAMES[fmt]}_{stats_reads}"),
         ):
             if runs and runs[-1][0] == kernel:
                 runs[-1][2] += count

@@ -28,6 +28,8 @@ import numpy as np
 __all__ = [
     "BLOCK_SIZE",
     "ZERO_CODE",
+    "code_table",
+    "code_thresholds",
     "dequantize_blockwise",
     "dynamic_map",
     "num_blocks",
@@ -164,6 +166,48 @@ def _nearest_code(xp: Any, scaled: Any) -> Any:
     code = xp.where(lo < 0, 0, code)
     code = xp.where(lo >= 255, 255, code)
     return code.astype(xp.uint8)
+
+
+def _ordered(x: np.ndarray) -> np.ndarray:
+    """float32 -> int64 in value order (so bisection over the integers walks the floats)."""
+    i = x.astype(np.float32).view(np.int32).astype(np.int64)
+    return np.where(i >= 0, i, -(i & 0x7FFFFFFF))
+
+
+def _from_ordered(i: np.ndarray) -> np.ndarray:
+    bits = np.where(i >= 0, i, (-i) | 0x80000000).astype(np.uint32)
+    return bits.view(np.float32)
+
+
+def code_thresholds() -> np.ndarray:
+    """float32[255]: ``T[i]``, the largest float32 whose code (the rounding rule) is ``i``.
+
+    Rounding is monotone, so between ``map[lo]`` and ``map[lo+1]`` the rule's
+    ``x - map[lo]`` never decreases and ``map[lo+1] - x`` never increases as ``x``
+    grows: the code is ``lo`` on a prefix of that range and ``lo + 1`` on the
+    rest, and the code of every non-NaN float32 is the number of thresholds below
+    it (``tests/test_quantization_thresholds.py`` checks every float near each
+    threshold against :func:`quantize_blockwise`). Found by bisection over the
+    floats between neighbouring map values, with the rule itself as the test.
+    """
+    idx = np.arange(255)
+    lo = _ordered(_DYNAMIC_MAP[:-1])  # code(map[i]) == i
+    hi = _ordered(_DYNAMIC_MAP[1:])  # code(map[i + 1]) == i + 1
+    while np.any(hi - lo > 1):
+        mid = lo + (hi - lo) // 2
+        at_most = _nearest_code(np, _from_ordered(mid)) <= idx
+        lo = np.where(at_most, mid, lo)
+        hi = np.where(at_most, hi, mid)
+    return _from_ordered(lo)
+
+
+def code_table() -> np.ndarray:
+    """float32[512] that the CUDA kernels read as their code book: the map, then the
+    thresholds as a 1-based array (entry 256 + j is ``T[j - 1]``; entry 256 is -inf
+    and is never read), for a branch-free binary search (``lars_common.cuh``)."""
+    return np.concatenate(
+        [_DYNAMIC_MAP, np.array([-np.inf], dtype=np.float32), code_thresholds()]
+    ).astype(np.float32)
 
 
 def dequantize_blockwise(codes: Any, absmax: Any) -> Any:

@@ -182,13 +182,16 @@ __device__ __forceinline__ float warp_nan_max(float v) {
 }
 
 // Sums kSums values over the block, in a fixed order; the result is valid in
-// thread 0. `scratch` holds kWarpsIn * kSums doubles of shared memory.
-template <int kWarpsIn>
+// thread 0. `scratch` holds kWarpsIn * kSums doubles of shared memory. Sums
+// outside the bit mask kLive are known to be 0 in every thread (a stats variant
+// that does not read p or m): their 10 shuffles each are left out.
+template <int kWarpsIn, unsigned kLive = (1u << kSums) - 1u>
 __device__ __forceinline__ void block_sums(double* v, double* scratch) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
 #pragma unroll
-  for (int j = 0; j < kSums; ++j) v[j] = warp_sum(v[j]);
+  for (int j = 0; j < kSums; ++j)
+    if ((kLive >> j) & 1u) v[j] = warp_sum(v[j]);
   if (lane == 0) {
 #pragma unroll
     for (int j = 0; j < kSums; ++j) scratch[warp * kSums + j] = v[j];
@@ -205,44 +208,65 @@ __device__ __forceinline__ void block_sums(double* v, double* scratch) {
 }
 
 // ---- 8-bit blockwise quantization -------------------------------------------------------
-// The code book in shared memory: `book` in ascending order, and `tree` the
-// same values as an implicit binary search tree (node i has children 2i and
-// 2i+1, node 1 is book[128]), so that each level of the search reads
-// neighbouring words and a warp's lookups spread over the banks.
+// The code table in shared memory, copied from the 512 floats of
+// quantization.code_table(): `book` the map in ascending order (dequantization
+// reads it), and `above` the rounding rule's thresholds as a 1-based array:
+// above[j] is the largest float32 whose code is j - 1 (above[0] is never read).
+// The rule makes the code a non-decreasing step function of x, so the code of a
+// non-NaN x is the number of thresholds below it.
 struct CodeBook {
   float book[256];
-  float tree[256];
+  float above[256];
 };
 
-// Fills `cb` from the global map; needs a __syncthreads() before use.
-__device__ __forceinline__ void load_code_book(CodeBook& cb, const float* __restrict__ map, bool with_tree) {
-  for (int i = threadIdx.x; i < 256; i += blockDim.x) {
-    cb.book[i] = map[i];
-    if (with_tree && i > 0) {
-      int depth = 0;  // i in [2^depth, 2^(depth+1))
-      while ((2 << depth) <= i) ++depth;
-      cb.tree[i] = map[(2 * (i - (1 << depth)) + 1) << (7 - depth)];
-    }
-  }
+// One thread's share of the code table: entry threadIdx.x of each half (the
+// blocks have exactly 256 threads). Loaded into registers first and stored to
+// shared memory later (store_code_book), so that the global loads overlap the
+// block's other prologue loads (the block and tensor tables) instead of
+// waiting behind a barrier.
+struct CodeBookShare {
+  float book, above;
+};
+static_assert(kThreads == 256, "one code-table entry per thread");
+
+__device__ __forceinline__ CodeBookShare load_code_book(const float* __restrict__ table, bool with_thresholds) {
+  CodeBookShare s;
+  s.book = table[threadIdx.x];
+  s.above = with_thresholds ? table[256 + threadIdx.x] : 0.0f;
+  return s;
 }
 
-// The rounding rule of cupylars/quantization.py: with lo the largest index
-// with book[lo] <= x, the code is lo when x - book[lo] <= book[lo+1] - x (float32
-// arithmetic), else lo+1; x < book[0] gives 0, x >= book[255] and NaN give 255
-// (NaN sorts after every value in numpy's searchsorted).
+// Needs a __syncthreads() before the table is read.
+__device__ __forceinline__ void store_code_book(CodeBook& cb, const CodeBookShare& s, bool with_thresholds) {
+  cb.book[threadIdx.x] = s.book;
+  if (with_thresholds) cb.above[threadIdx.x] = s.above;
+}
+
+// The rounding rule of cupylars/quantization.py (lars_math.h `code_between`):
+// with lo the largest index with book[lo] <= x, the code is lo when
+// x - book[lo] <= book[lo+1] - x in float32, else lo+1; x < book[0] gives 0,
+// x >= book[255] and NaN give 255 (NaN sorts after every value in numpy's
+// searchsorted). Branch-free: a binary search over the 255 thresholds, each
+// step one shared-memory load, a compare and a select whose address depends
+// only on the previous step. No data-dependent branch, so the eight searches of
+// a lane's elements are independent chains the scheduler interleaves (8 steps x
+// about 3 instructions, the 8 loads of a step in flight together) instead of 8
+// divergent loops run one after the other. quantization.code_thresholds() finds
+// the thresholds with the rule itself; tests/test_quantization_thresholds.py
+// checks this search against quantize_blockwise on every float32 near each one.
 __device__ __forceinline__ unsigned char nearest_code(const CodeBook& cb, float x) {
-  if (x != x) return 255;
-  if (x < cb.book[0]) return 0;
-  if (x >= cb.book[255]) return 255;
-  int node = 1;
+  int code = 0;
 #pragma unroll
-  for (int level = 0; level < 8; ++level) node = 2 * node + (x >= cb.tree[node] ? 1 : 0);
-  const int lo = node - 256;  // count of book[1..255] <= x, i.e. the largest index with book[lo] <= x
-  return code_between(cb.book, lo, x);
+  for (int step = 128; step > 0; step >>= 1) code += (x > cb.above[code + step]) ? step : 0;
+  return static_cast<unsigned char>(x != x ? 255 : code);  // NaN > t is false for every t
 }
 
 // Quantizes the 256 values of one block, spread as 8 per lane over a warp.
 // Returns the block's absmax (NaN if any value is NaN), writes the codes.
+//
+// x = m / absmax stays an IEEE division per element (docs/kernels.md,
+// "Numerics"): m * (1 / absmax) can differ from m / absmax in the last bit, and
+// a last-bit difference flips the code wherever x sits on a threshold.
 __device__ __forceinline__ float quantize_tile(const CodeBook& cb, const float* m, unsigned char* codes) {
   float local = 0.0f;
 #pragma unroll

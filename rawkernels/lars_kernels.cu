@@ -1,7 +1,8 @@
 // The LARS step as three passes over a list of tensors (docs/kernels.md):
 //
-//   lars_stats_<fmt>_<state>   one block per (tensor, chunk): the chunk's partial
-//                              dot products g.g, p.p, m.m, g.p, g.m, p.m (float64)
+//   lars_stats_<fmt>_<reads>   one block per (tensor, chunk): the chunk's partial
+//                              dot products g.g, p.p, m.m, g.p, g.m, p.m (float64;
+//                              the variant computes those of what it reads)
 //   lars_finalize              one block per tensor: reduces its partials in a
 //                              fixed order, does the non-finite policy, the
 //                              percentile history, gamma, the trust ratio, ||u||
@@ -58,7 +59,9 @@ struct State<kState8> {
   }
 };
 
-// The chunk a block works on, decoded from the block table.
+// The chunk a block works on, decoded from its block-table entry. Every field of
+// the tensor row a block needs is read here, in one round of independent loads
+// (they depend only on the entry), before anything waits on one of them.
 struct Chunk {
   int tensor;            // row in the tensor table
   const long long* row;  // that row
@@ -67,10 +70,8 @@ struct Chunk {
   bool vec;              // quads may use full-width accesses
 };
 
-__device__ __forceinline__ Chunk chunk_of(const long long* __restrict__ tensors,
-                                          const long long* __restrict__ blocks, long long b, int chunk) {
+__device__ __forceinline__ Chunk chunk_of(const long long* __restrict__ tensors, long long entry, int chunk) {
   Chunk c;
-  const long long entry = blocks[b];
   c.tensor = block_tensor(entry);
   c.row = tensors + static_cast<long long>(c.tensor) * kTensorFields;
   c.n = c.row[kFieldSize];
@@ -81,64 +82,109 @@ __device__ __forceinline__ Chunk chunk_of(const long long* __restrict__ tensors,
 }
 
 // ---- pass 1: statistics ---------------------------------------------------------------
-template <int F, int M>
-__device__ __forceinline__ void stats_body(const long long* __restrict__ tensors,
-                                           const long long* __restrict__ blocks, int block_offset, int chunk,
-                                           int need_p, const CodeBook* cb, double* __restrict__ partials) {
-  using T = typename Storage<F>::T;
-  __shared__ double scratch[kWarps * kSums];
-  const long long b = static_cast<long long>(block_offset) + blockIdx.x;
-  const Chunk c = chunk_of(tensors, blocks, b, chunk);
-  const long long* row = c.row;
-  const long long n = c.n, start = c.start, end = c.end;
+// The dot products a stats variant gathers: g.g always; p.p and g.p when it reads
+// p (kP); m.m and g.m when it reads m (M != kNoState); p.m when both. A variant
+// neither loads nor multiplies what it does not read (the finalize pass leaves
+// the missing sums' terms out, and they are written as 0).
+template <int M, bool kP>
+struct StatsLive {
+  static constexpr unsigned kMask = (1u << kGG) | (kP ? (1u << kPP) | (1u << kGP) : 0u) |
+                                    (M != kNoState ? (1u << kMM) | (1u << kGM) : 0u) |
+                                    (kP && M != kNoState ? (1u << kPM) : 0u);
+};
+
+// One warp tile per iteration, 8 elements per lane: per lane 2 quads of g (and of
+// p, and of m or its codes) in flight, 32 to 96 bytes by format and variant.
+template <int F, int M, bool kP>
+__device__ __forceinline__ void stats_sums(const Chunk& c, const typename Storage<F>::T* __restrict__ g,
+                                           const typename Storage<F>::T* __restrict__ p, const State<M>& state,
+                                           double* acc) {
+  const long long n = c.n;
   const bool vec = c.vec;
-  const T* __restrict__ g = address<const T>(row, kFieldGrad);
-  const T* __restrict__ p = address<const T>(row, kFieldParam);
-  // The old m enters ||u|| only from the second applied step on (m = d at t == 1),
-  // and is absent until the momentum arrays exist.
-  bool use_m = false;
-  if (M != kNoState) use_m = row[kFieldState] != 0 && *address<const long long>(row, kFieldStep) >= 1;
-  const State<M> state(row, cb);
-
-  double acc[kSums];
-#pragma unroll
-  for (int j = 0; j < kSums; ++j) acc[j] = 0.0;
-
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  for (long long tile = start + warp * kTile; tile < end; tile += kWarps * kTile) {
+  for (long long tile = c.start + warp * kTile; tile < c.end; tile += kWarps * kTile) {
     float gv[8], pv[8], mv[8];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const long long e = tile + h * (kTile / 2) + 4 * lane;
       load_quad(g, e, n, vec, gv + 4 * h);
-      if (need_p) {
-        load_quad(p, e, n, vec, pv + 4 * h);
-      } else {
-        zero_quad(pv + 4 * h);
-      }
-      if (use_m) {
-        state.load(tile, e, n, vec, mv + 4 * h);
-      } else {
-        zero_quad(mv + 4 * h);
-      }
+      if constexpr (kP) load_quad(p, e, n, vec, pv + 4 * h);
+      if constexpr (M != kNoState) state.load(tile, e, n, vec, mv + 4 * h);
     }
     // float32 x float32 is exact in float64: only the accumulation rounds.
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
-      const double gd = gv[k], pd = pv[k], md = mv[k];
+      const double gd = gv[k];
       acc[kGG] = fma(gd, gd, acc[kGG]);
-      acc[kPP] = fma(pd, pd, acc[kPP]);
-      acc[kMM] = fma(md, md, acc[kMM]);
-      acc[kGP] = fma(gd, pd, acc[kGP]);
-      acc[kGM] = fma(gd, md, acc[kGM]);
-      acc[kPM] = fma(pd, md, acc[kPM]);
+      if constexpr (kP) {
+        const double pd = pv[k];
+        acc[kPP] = fma(pd, pd, acc[kPP]);
+        acc[kGP] = fma(gd, pd, acc[kGP]);
+      }
+      if constexpr (M != kNoState) {
+        const double md = mv[k];
+        acc[kMM] = fma(md, md, acc[kMM]);
+        acc[kGM] = fma(gd, md, acc[kGM]);
+        if constexpr (kP) acc[kPM] = fma(static_cast<double>(pv[k]), md, acc[kPM]);
+      }
     }
   }
-  block_sums<kWarps>(acc, scratch);
+}
+
+// Before the first data load a block waits on two rounds of loads: its block-table
+// entry (with, for 8-bit state, its share of the code table), then the tensor row.
+template <int F, int M, bool kP>
+__device__ __forceinline__ void stats_body(const long long* __restrict__ tensors,
+                                           const long long* __restrict__ blocks, int block_offset, int chunk,
+                                           const float* __restrict__ table, CodeBook* cb,
+                                           double* __restrict__ partials) {
+  static_assert(kP || M == kNoState, "a stats pass that reads m (max_unorm) also reads p");
+  using T = typename Storage<F>::T;
+  __shared__ double scratch[kWarps * kSums];
+  const long long b = static_cast<long long>(block_offset) + blockIdx.x;
+  const long long entry = blocks[b];
+  CodeBookShare share{};
+  if constexpr (M == kState8) share = load_code_book(table, false);
+  const Chunk c = chunk_of(tensors, entry, chunk);
+  const T* __restrict__ g = address<const T>(c.row, kFieldGrad);
+  const T* __restrict__ p = address<const T>(c.row, kFieldParam);
+  const State<M> state(c.row, cb);
+  // The old m enters ||u|| only from the second applied step on; at t == 1 the
+  // finalize pass gives its sums the weight 0 and leaves them out, so they are
+  // gathered whenever the momentum arrays exist (the host knows; a block-uniform
+  // branch on the row's address, not a third round to read the step counter).
+  const bool has_m = M != kNoState && c.row[kFieldState] != 0;
+  if constexpr (M == kState8) {
+    store_code_book(*cb, share, false);
+    __syncthreads();
+  }
+
+  double acc[kSums];
+#pragma unroll
+  for (int j = 0; j < kSums; ++j) acc[j] = 0.0;
+  if constexpr (M == kNoState) {
+    stats_sums<F, kNoState, kP>(c, g, p, state, acc);
+  } else if (has_m) {
+    stats_sums<F, M, kP>(c, g, p, state, acc);
+  } else {
+    stats_sums<F, kNoState, kP>(c, g, p, State<kNoState>(c.row, nullptr), acc);
+  }
+  block_sums<kWarps, StatsLive<M, kP>::kMask>(acc, scratch);
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int j = 0; j < kSums; ++j) partials[b * kSums + j] = acc[j];
+  }
+}
+
+template <int F, int M, bool kP>
+__device__ __forceinline__ void stats_entry(const long long* tensors, const long long* blocks, int block_offset,
+                                            int chunk, const float* table, double* partials) {
+  if constexpr (M == kState8) {
+    __shared__ CodeBook cb;
+    stats_body<F, M, kP>(tensors, blocks, block_offset, chunk, table, &cb, partials);
+  } else {
+    stats_body<F, M, kP>(tensors, blocks, block_offset, chunk, table, nullptr, partials);
   }
 }
 
@@ -147,21 +193,34 @@ template <int F, int M>
 __device__ __forceinline__ void update_body(const long long* __restrict__ tensors,
                                             const long long* __restrict__ blocks, int block_offset, int chunk,
                                             const TensorCoef* __restrict__ coefs, float lam, float mu,
-                                            float damp_keep, int nesterov, const CodeBook* cb) {
+                                            float damp_keep, int nesterov, const float* __restrict__ table,
+                                            CodeBook* cb) {
   using T = typename Storage<F>::T;
   // Blocks run in reverse order: the stats pass ended on the last chunks, which
   // may still sit in L2, so the update starts there.
   const long long b = static_cast<long long>(block_offset) + (gridDim.x - 1 - blockIdx.x);
-  const Chunk c = chunk_of(tensors, blocks, b, chunk);
+  // Round 1: the block-table entry (and this thread's share of the code table).
+  const long long entry = blocks[b];
+  CodeBookShare share{};
+  if constexpr (M == kState8) share = load_code_book(table, true);
+  // Round 2: the tensor row and the tensor's coefficients, all issued before any
+  // is used; the skip decision comes with them.
+  const Chunk c = chunk_of(tensors, entry, chunk);
   const TensorCoef cf = coefs[c.tensor];
-  if (cf.flags & kCoefSkip) return;  // block-uniform: the whole tensor keeps p and state
+  T* __restrict__ p = address<T>(c.row, kFieldParam);
+  const T* __restrict__ g = address<const T>(c.row, kFieldGrad);
+  const State<M> state(c.row, cb);
+  if constexpr (M == kState8) {
+    store_code_book(*cb, share, true);
+    __syncthreads();
+  }
   const bool first = (cf.flags & kCoefFirst) != 0;
-  const long long* row = c.row;
-  const long long n = c.n, start = c.start, end = c.end;
+  // A skipped tensor keeps p and state: its blocks walk an empty range (the
+  // flag is block-uniform). A range rather than an early return, so that the
+  // compiler has no branch to sink the row's loads behind.
+  const long long n = c.n, start = c.start;
+  const long long end = (cf.flags & kCoefSkip) ? start : c.end;
   const bool vec = c.vec;
-  T* __restrict__ p = address<T>(row, kFieldParam);
-  const T* __restrict__ g = address<const T>(row, kFieldGrad);
-  const State<M> state(row, cb);
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -201,6 +260,19 @@ __device__ __forceinline__ void update_body(const long long* __restrict__ tensor
       for (int h = 0; h < 2; ++h)
         store_codes(state.codes, tile + h * (kTile / 2) + 4 * lane, n, vec, codes + 4 * h);
     }
+  }
+}
+
+template <int F, int M>
+__device__ __forceinline__ void update_entry(const long long* tensors, const long long* blocks, int block_offset,
+                                             int chunk, const int* coefs, const float* table, float lam, float mu,
+                                             float damp_keep, int nesterov) {
+  const TensorCoef* c = reinterpret_cast<const TensorCoef*>(coefs);
+  if constexpr (M == kState8) {
+    __shared__ CodeBook cb;
+    update_body<F, M>(tensors, blocks, block_offset, chunk, c, lam, mu, damp_keep, nesterov, table, &cb);
+  } else {
+    update_body<F, M>(tensors, blocks, block_offset, chunk, c, lam, mu, damp_keep, nesterov, table, nullptr);
   }
 }
 
@@ -289,49 +361,40 @@ __device__ __forceinline__ void finalize_body(const long long* __restrict__ tens
 }  // namespace lars
 
 // ---- entry points ----------------------------------------------------------------------------
-// extern "C" names (no mangling) for cupy.RawModule and the CPU emulator;
-// one stats and one update kernel per (storage format, state mode).
-#define LARS_ENTRIES(FMT_NAME, FMT, STATE_NAME, STATE)                                                      \
+// extern "C" names (no mangling) for cupy.RawModule and the CPU emulator. Stats
+// kernels, by what they read (cupylars/plan.py picks one per call): `gradonly`
+// g (no trust ratio, no max_unorm); `nostate` g and p; `state32` and `state8`
+// g, p and m (momentum and max_unorm). Update kernels per state mode. `code_table`
+// is quantization.code_table() (read by the state8 kernels only).
+#define LARS_STATS(FMT_NAME, FMT, NAME, STATE, NEED_P)                                                      \
   extern "C" __global__ void __launch_bounds__(lars::kThreads, lars::kStatsMinBlocks)                       \
-      lars_stats_##FMT_NAME##_##STATE_NAME(const long long* tensors, const long long* blocks,              \
-                                           int block_offset, int chunk, int need_p, const float* code_map,  \
-                                           double* partials) {                                              \
-    if constexpr (STATE == lars::kState8) {                                                                 \
-      __shared__ lars::CodeBook cb;                                                                         \
-      lars::load_code_book(cb, code_map, false);                                                            \
-      __syncthreads();                                                                                      \
-      lars::stats_body<FMT, STATE>(tensors, blocks, block_offset, chunk, need_p, &cb, partials);            \
-    } else {                                                                                                \
-      lars::stats_body<FMT, STATE>(tensors, blocks, block_offset, chunk, need_p, nullptr, partials);        \
-    }                                                                                                       \
-  }                                                                                                         \
+      lars_stats_##FMT_NAME##_##NAME(const long long* tensors, const long long* blocks, int block_offset,    \
+                                     int chunk, const float* code_table, double* partials) {               \
+    lars::stats_entry<FMT, STATE, NEED_P>(tensors, blocks, block_offset, chunk, code_table, partials);       \
+  }
+
+#define LARS_UPDATE(FMT_NAME, FMT, STATE_NAME, STATE)                                                       \
   extern "C" __global__ void __launch_bounds__(lars::kThreads, lars::kUpdateMinBlocks)                      \
       lars_update_##FMT_NAME##_##STATE_NAME(const long long* tensors, const long long* blocks,             \
                                             int block_offset, int chunk, const int* coefs,                 \
-                                            const float* code_map, float lam, float mu, float damp_keep,    \
+                                            const float* code_table, float lam, float mu, float damp_keep,  \
                                             int nesterov) {                                                 \
-    const lars::TensorCoef* c = reinterpret_cast<const lars::TensorCoef*>(coefs);                           \
-    if constexpr (STATE == lars::kState8) {                                                                 \
-      __shared__ lars::CodeBook cb;                                                                         \
-      lars::load_code_book(cb, code_map, true);                                                             \
-      __syncthreads();                                                                                      \
-      lars::update_body<FMT, STATE>(tensors, blocks, block_offset, chunk, c, lam, mu, damp_keep, nesterov,  \
-                                    &cb);                                                                   \
-    } else {                                                                                                \
-      lars::update_body<FMT, STATE>(tensors, blocks, block_offset, chunk, c, lam, mu, damp_keep, nesterov,  \
-                                    nullptr);                                                               \
-    }                                                                                                       \
+    lars::update_entry<FMT, STATE>(tensors, blocks, block_offset, chunk, coefs, code_table, lam, mu,        \
+                                   damp_keep, nesterov);                                                    \
   }
 
-LARS_ENTRIES(f32, lars::kF32, nostate, lars::kNoState)
-LARS_ENTRIES(f32, lars::kF32, state32, lars::kState32)
-LARS_ENTRIES(f32, lars::kF32, state8, lars::kState8)
-LARS_ENTRIES(f16, lars::kF16, nostate, lars::kNoState)
-LARS_ENTRIES(f16, lars::kF16, state32, lars::kState32)
-LARS_ENTRIES(f16, lars::kF16, state8, lars::kState8)
-LARS_ENTRIES(bf16, lars::kBF16, nostate, lars::kNoState)
-LARS_ENTRIES(bf16, lars::kBF16, state32, lars::kState32)
-LARS_ENTRIES(bf16, lars::kBF16, state8, lars::kState8)
+#define LARS_FORMAT(FMT_NAME, FMT)                                   \
+  LARS_STATS(FMT_NAME, FMT, gradonly, lars::kNoState, false)         \
+  LARS_STATS(FMT_NAME, FMT, nostate, lars::kNoState, true)           \
+  LARS_STATS(FMT_NAME, FMT, state32, lars::kState32, true)           \
+  LARS_STATS(FMT_NAME, FMT, state8, lars::kState8, true)             \
+  LARS_UPDATE(FMT_NAME, FMT, nostate, lars::kNoState)                \
+  LARS_UPDATE(FMT_NAME, FMT, state32, lars::kState32)                \
+  LARS_UPDATE(FMT_NAME, FMT, state8, lars::kState8)
+
+LARS_FORMAT(f32, lars::kF32)
+LARS_FORMAT(f16, lars::kF16)
+LARS_FORMAT(bf16, lars::kBF16)
 
 extern "C" __global__ void __launch_bounds__(lars::kFinalizeThreads)
     lars_finalize(const long long* tensors, const double* partials, int* coefs, double lr, double momentum,

@@ -223,9 +223,24 @@ def test_launcher_constants_match_the_header():
 def test_every_entry_point_is_in_the_source():
     source, _ = cuda.kernel_sources()
     text = source.read_text()
-    entries = set(re.findall(r"LARS_ENTRIES\((\w+), lars::\w+, (\w+), lars::\w+\)", text))
-    names = {f"lars_{kind}_{f}_{s}" for f, s in entries for kind in ("stats", "update")}
+    formats = re.findall(r"^LARS_FORMAT\((\w+), lars::\w+\)", text, re.M)
+    stats = re.findall(r"LARS_STATS\(FMT_NAME, FMT, (\w+), lars::(\w+), (true|false)\)", text)
+    update = re.findall(r"LARS_UPDATE\(FMT_NAME, FMT, (\w+), lars::\w+\)", text)
+    assert formats == list(plan.FORMAT_NAMES)
+    assert [name for name, _, _ in stats] == list(plan.STATS_NAMES)
+    assert update == list(plan.STATE_NAMES)
+    names = {f"lars_stats_{f}_{s}" for f in formats for s, _, _ in stats}
+    names |= {f"lars_update_{f}_{s}" for f in formats for s in update}
     assert names | {"lars_finalize"} == set(cuda.kernel_names())
+    # what each stats variant reads, as plan.build_tables picks it: p unless "gradonly",
+    # m exactly in the state variants
+    reads = {name: (mode, need_p == "true") for name, mode, need_p in stats}
+    assert reads == {
+        "gradonly": ("kNoState", False),
+        "nostate": ("kNoState", True),
+        "state32": ("kState32", True),
+        "state8": ("kState8", True),
+    }
 
 
 if __name__ == "__main__":  # print the register / spill table

@@ -356,6 +356,13 @@ def test_launches_per_kernel_variant_not_per_tensor(small_chunks):
         _run(params, _grads(rng, params, "float16"), states, {"lr": 0.1})
     names = [n for n, _, _ in launches]
     assert names == ["lars_stats_f16_nostate", "lars_finalize", "lars_update_f16_nostate"]
+    # without trust ratio and max_unorm it reads only g (the g.g of the skip policy
+    # and percentile clipping); momentum without max_unorm needs no m in the stats
+    for hp in ({"lr": 0.1, "max_unorm": 0.0}, {"lr": 0.1, "momentum": 0.9, "max_unorm": 0.0}):
+        with cuda.record_launches() as launches:
+            _run(params, _grads(rng, params, "float16"), states, hp)
+        stats = sorted({n for n, _, _ in launches if n.startswith("lars_stats")})
+        assert stats == ["lars_stats_f16_gradonly"], hp
 
 
 def test_two_runs_are_bitwise_identical(small_chunks):
