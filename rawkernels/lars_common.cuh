@@ -107,19 +107,34 @@ __device__ __forceinline__ void zero_quad(float* out) {
   for (int k = 0; k < 4; ++k) out[k] = 0.0f;
 }
 
-// Loads elements [e, e+4) of x as float32 into out; elements at or past n read
-// as 0. `vec` says the base address allows aligned quad accesses.
+// Elements [e, e+4) of x in their storage format, as loaded (widening to float32
+// is left to widen_quad, so that a prefetched quad holds 2 registers of a 16-bit
+// format rather than 4); elements at or past n read as 0. `vec` says the base
+// address allows aligned quad accesses.
 template <typename T>
-__device__ __forceinline__ void load_quad(const T* x, long long e, long long n, bool vec, float* out) {
+__device__ __forceinline__ Quad<T> fetch_quad(const T* x, long long e, long long n, bool vec) {
+  Quad<T> q;
   if (vec && e + 4 <= n) {
     check_vector_alignment<sizeof(Quad<T>)>(x + e);
-    const Quad<T> q = *reinterpret_cast<const Quad<T>*>(x + e);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) out[k] = to_float(q.v[k]);
+    q = *reinterpret_cast<const Quad<T>*>(x + e);
   } else {
 #pragma unroll
-    for (int k = 0; k < 4; ++k) out[k] = (e + k < n) ? to_float(x[e + k]) : 0.0f;
+    for (int k = 0; k < 4; ++k) q.v[k] = (e + k < n) ? x[e + k] : from_float<T>(0.0f);
   }
+  return q;
+}
+
+template <typename T>
+__device__ __forceinline__ void widen_quad(const Quad<T>& q, float* out) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) out[k] = to_float(q.v[k]);
+}
+
+// Loads elements [e, e+4) of x as float32 into out; elements at or past n read
+// as 0.
+template <typename T>
+__device__ __forceinline__ void load_quad(const T* x, long long e, long long n, bool vec, float* out) {
+  widen_quad(fetch_quad(x, e, n, vec), out);
 }
 
 template <typename T>
@@ -137,17 +152,17 @@ __device__ __forceinline__ void store_quad(T* x, long long e, long long n, bool 
   }
 }
 
-__device__ __forceinline__ void load_codes(const unsigned char* c, long long e, long long n, bool vec,
-                                           unsigned char* out) {
+// Codes [e, e+4); codes at or past n read as 127 (the code of 0).
+__device__ __forceinline__ Codes4 fetch_codes(const unsigned char* c, long long e, long long n, bool vec) {
+  Codes4 q;
   if (vec && e + 4 <= n) {
     check_vector_alignment<sizeof(Codes4)>(c + e);
-    const Codes4 q = *reinterpret_cast<const Codes4*>(c + e);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) out[k] = q.v[k];
+    q = *reinterpret_cast<const Codes4*>(c + e);
   } else {
 #pragma unroll
-    for (int k = 0; k < 4; ++k) out[k] = (e + k < n) ? c[e + k] : static_cast<unsigned char>(127);
+    for (int k = 0; k < 4; ++k) q.v[k] = (e + k < n) ? c[e + k] : static_cast<unsigned char>(127);
   }
+  return q;
 }
 
 __device__ __forceinline__ void store_codes(unsigned char* c, long long e, long long n, bool vec,

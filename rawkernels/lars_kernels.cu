@@ -17,26 +17,30 @@
 namespace lars {
 
 // Per-element state access, by state mode. `tile` is the element offset of the
-// current 256-element tile (one absmax block for 8-bit state).
+// current 256-element tile (one absmax block for 8-bit state). `fetch` issues a
+// quad's loads and returns them as loaded (`Raw`); `widen` turns that into
+// float32 m once the loads have landed.
 template <int M>
 struct State;
 
 template <>
 struct State<kNoState> {
+  struct Raw {};
   __device__ __forceinline__ State(const long long*, const CodeBook*) {}
-  __device__ __forceinline__ void load(long long, long long, long long, bool, float* out) const {
-    zero_quad(out);
-  }
+  __device__ __forceinline__ Raw fetch(long long, long long, long long, bool) const { return Raw{}; }
+  __device__ __forceinline__ void widen(const Raw&, float* out) const { zero_quad(out); }
 };
 
 template <>
 struct State<kState32> {
+  using Raw = Quad<float>;
   float* m;
   __device__ __forceinline__ State(const long long* row, const CodeBook*)
       : m(address<float>(row, kFieldState)) {}
-  __device__ __forceinline__ void load(long long, long long e, long long n, bool vec, float* out) const {
-    load_quad(static_cast<const float*>(m), e, n, vec, out);
+  __device__ __forceinline__ Raw fetch(long long, long long e, long long n, bool vec) const {
+    return fetch_quad(static_cast<const float*>(m), e, n, vec);
   }
+  __device__ __forceinline__ void widen(const Raw& q, float* out) const { widen_quad(q, out); }
   __device__ __forceinline__ void store(long long e, long long n, bool vec, const float* in) const {
     store_quad(m, e, n, vec, in);
   }
@@ -44,19 +48,66 @@ struct State<kState32> {
 
 template <>
 struct State<kState8> {
+  struct Raw {
+    Codes4 codes;
+    float scale;
+  };
   unsigned char* codes;
   float* absmax;
   const CodeBook* cb;
   __device__ __forceinline__ State(const long long* row, const CodeBook* book)
       : codes(address<unsigned char>(row, kFieldState)), absmax(address<float>(row, kFieldAbsmax)), cb(book) {}
-  // m = map[code] * absmax[block], the float32 product of dequantize_blockwise.
-  __device__ __forceinline__ void load(long long tile, long long e, long long n, bool vec, float* out) const {
-    const float scale = absmax[tile / kQBlock];
-    unsigned char c[4];
-    load_codes(codes, e, n, vec, c);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) out[k] = cb->book[c[k]] * scale;
+  __device__ __forceinline__ Raw fetch(long long tile, long long e, long long n, bool vec) const {
+    Raw r;
+    r.scale = absmax[tile / kQBlock];
+    r.codes = fetch_codes(codes, e, n, vec);
+    return r;
   }
+  // m = map[code] * absmax[block], the float32 product of dequantize_blockwise.
+  __device__ __forceinline__ void widen(const Raw& r, float* out) const {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) out[k] = cb->book[r.codes.v[k]] * r.scale;
+  }
+};
+
+// One lane's share of a warp tile as loaded: two quads of g, of p when kP, and
+// of m when kM (M's raw form: float32, or codes and the block's absmax).
+template <int F, int M>
+struct TileData {
+  using T = typename Storage<F>::T;
+  Quad<T> g[2];
+  Quad<T> p[2];
+  typename State<M>::Raw m[2];
+};
+
+template <int F, int M, bool kP, bool kM>
+__device__ __forceinline__ TileData<F, M> fetch_tile(const typename Storage<F>::T* g,
+                                                            const typename Storage<F>::T* p, const State<M>& state,
+                                                            long long tile, long long n, bool vec) {
+  TileData<F, M> d;
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const long long e = tile + h * (kTile / 2) + 4 * lane;
+    d.g[h] = fetch_quad(g, e, n, vec);
+    if constexpr (kP) d.p[h] = fetch_quad(p, e, n, vec);
+    if constexpr (kM) d.m[h] = state.fetch(tile, e, n, vec);
+  }
+  return d;
+}
+
+// Whether a warp loads its next tile before working on the current one
+// (software pipelining: the loads stay in flight during the arithmetic, at the
+// cost of one more tile of loaded data in registers). On where it fits within the
+// launch bounds without spills (tests/test_kernels_compile.py checks): the
+// kernels without m, which also move the fewest bytes per tile. The stats kernels
+// that read m reach their 80 registers without it (the 16-bit 8-bit-state one
+// spills with it), the update kernels with state their 64; float32 p in the
+// update needs 16 more registers a tile for 4 fewer bytes in flight per lane
+// than the 16-bit formats would gain.
+template <int F, int M, bool kStats>
+struct Prefetch {
+  static constexpr bool kOn = M == kNoState && (kStats || F != kF32);
 };
 
 // The chunk a block works on, decoded from its block-table entry. Every field of
@@ -93,24 +144,37 @@ struct StatsLive {
                                     (kP && M != kNoState ? (1u << kPM) : 0u);
 };
 
-// One warp tile per iteration, 8 elements per lane: per lane 2 quads of g (and of
-// p, and of m or its codes) in flight, 32 to 96 bytes by format and variant.
+// A warp walks its tiles of the chunk (every kWarps-th), 8 elements per lane a
+// tile: per lane 2 quads of g (and of p, and of m or its codes) per tile, 16 to 96
+// bytes by format and variant, and the next tile's loads are issued before this
+// tile's sums (Prefetch), so that a warp keeps loads in flight during its float64
+// arithmetic. The sums run in the same order either way.
 template <int F, int M, bool kP>
 __device__ __forceinline__ void stats_sums(const Chunk& c, const typename Storage<F>::T* __restrict__ g,
                                            const typename Storage<F>::T* __restrict__ p, const State<M>& state,
                                            double* acc) {
-  const long long n = c.n;
+  constexpr bool kM = M != kNoState;
+  constexpr bool kAhead = Prefetch<F, M, true>::kOn;
+  using Data = TileData<F, M>;
+  const long long n = c.n, end = c.end;
   const bool vec = c.vec;
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  for (long long tile = c.start + warp * kTile; tile < c.end; tile += kWarps * kTile) {
+  const long long stride = kWarps * kTile;
+  long long tile = c.start + (threadIdx.x >> 5) * kTile;
+  Data cur{};
+  if (kAhead && tile < end) cur = fetch_tile<F, M, kP, kM>(g, p, state, tile, n, vec);
+  for (; tile < end; tile += stride) {
+    Data next{};
+    if constexpr (kAhead) {
+      if (tile + stride < end) next = fetch_tile<F, M, kP, kM>(g, p, state, tile + stride, n, vec);
+    } else {
+      cur = fetch_tile<F, M, kP, kM>(g, p, state, tile, n, vec);
+    }
     float gv[8], pv[8], mv[8];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const long long e = tile + h * (kTile / 2) + 4 * lane;
-      load_quad(g, e, n, vec, gv + 4 * h);
-      if constexpr (kP) load_quad(p, e, n, vec, pv + 4 * h);
-      if constexpr (M != kNoState) state.load(tile, e, n, vec, mv + 4 * h);
+      widen_quad(cur.g[h], gv + 4 * h);
+      if constexpr (kP) widen_quad(cur.p[h], pv + 4 * h);
+      if constexpr (kM) state.widen(cur.m[h], mv + 4 * h);
     }
     // float32 x float32 is exact in float64: only the accumulation rounds.
 #pragma unroll
@@ -122,13 +186,14 @@ __device__ __forceinline__ void stats_sums(const Chunk& c, const typename Storag
         acc[kPP] = fma(pd, pd, acc[kPP]);
         acc[kGP] = fma(gd, pd, acc[kGP]);
       }
-      if constexpr (M != kNoState) {
+      if constexpr (kM) {
         const double md = mv[k];
         acc[kMM] = fma(md, md, acc[kMM]);
         acc[kGM] = fma(gd, md, acc[kGM]);
         if constexpr (kP) acc[kPM] = fma(static_cast<double>(pv[k]), md, acc[kPM]);
       }
     }
+    if constexpr (kAhead) cur = next;
   }
 }
 
@@ -222,17 +287,37 @@ __device__ __forceinline__ void update_body(const long long* __restrict__ tensor
   const long long end = (cf.flags & kCoefSkip) ? start : c.end;
   const bool vec = c.vec;
 
+  // The warp's tiles, every kWarps-th of the chunk; with Prefetch the next tile's
+  // loads are issued before this tile's arithmetic and stores (they read other
+  // elements than this tile writes).
+  constexpr bool kAhead = Prefetch<F, M, false>::kOn;
+  constexpr bool kM = M != kNoState;
+  using Data = TileData<F, M>;
   const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  for (long long tile = start + warp * kTile; tile < end; tile += kWarps * kTile) {
+  const long long stride = kWarps * kTile;
+  const bool load_m = kM && !first;  // m = d at t == 1: the old m is not read
+  // block-uniform: the tile's loads with or without m
+  auto fetch = [&](long long at) {
+    return load_m ? fetch_tile<F, M, true, kM>(g, p, state, at, n, vec)
+                  : fetch_tile<F, M, true, false>(g, p, state, at, n, vec);
+  };
+  long long tile = start + (threadIdx.x >> 5) * kTile;
+  Data cur{};
+  if (kAhead && tile < end) cur = fetch(tile);
+  for (; tile < end; tile += stride) {
+    Data next{};
+    if constexpr (kAhead) {
+      if (tile + stride < end) next = fetch(tile + stride);
+    } else {
+      cur = fetch(tile);
+    }
     float pv[8], gv[8], mv[8];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const long long e = tile + h * (kTile / 2) + 4 * lane;
-      load_quad(static_cast<const T*>(p), e, n, vec, pv + 4 * h);
-      load_quad(g, e, n, vec, gv + 4 * h);
-      if (M != kNoState && !first) {
-        state.load(tile, e, n, vec, mv + 4 * h);
+      widen_quad(cur.g[h], gv + 4 * h);
+      widen_quad(cur.p[h], pv + 4 * h);
+      if (load_m) {
+        state.widen(cur.m[h], mv + 4 * h);
       } else {
         zero_quad(mv + 4 * h);
       }
@@ -260,6 +345,7 @@ __device__ __forceinline__ void update_body(const long long* __restrict__ tensor
       for (int h = 0; h < 2; ++h)
         store_codes(state.codes, tile + h * (kTile / 2) + 4 * lane, n, vec, codes + 4 * h);
     }
+    if constexpr (kAhead) cur = next;
   }
 }
 

@@ -187,6 +187,30 @@ def test_default_chunking_of_a_large_tensor():
         step_and_compare(params, _grads(rng, params, "float16"), states, FULL, None, f"step {t}")
 
 
+# The kernels without m (stats "gradonly" and "nostate", update "nostate") load a
+# warp's next tile before its arithmetic; a warp has several tiles only in chunks of
+# more than 2048 elements (8 warps x 256), so these run at the default chunk size:
+# one full chunk (8 tiles a warp) and a short one (partial tiles, idle warps).
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(
+    "hp",
+    [
+        # stats reads g (whose norm percentile clipping uses), update without state
+        {"lr": 0.1, "max_unorm": 0.0, "percentile_clipping": 5},
+        {"lr": 0.1, "weight_decay": 0.1, "max_unorm": 0.02},  # stats reads g and p
+        # stats reads g, update with state
+        {"lr": 0.1, "momentum": 0.9, "max_unorm": 0.0, "percentile_clipping": 5},
+    ],
+    ids=["gradonly", "nostate", "momentum-gradonly"],
+)
+def test_several_tiles_per_warp(fmt, hp):
+    rng = np.random.default_rng(zlib.crc32(repr((fmt, sorted(hp.items()))).encode()))
+    shapes = [(plan.CHUNK_SIZE + 2500,), (4097,)]
+    params, states = _make(rng, shapes, fmt, 8, min_8bit_size=5000)  # one 8-bit, one float32 state
+    for t in range(3):
+        step_and_compare(params, _grads(rng, params, fmt), states, hp, dtype_arg(fmt), f"step {t}")
+
+
 def test_percentile_history_wraps_around():
     rng = np.random.default_rng(15)
     params, states = _make(rng, [(300,)], "float32", 32)
