@@ -8,8 +8,17 @@
     (the statistics pass reads p, g, m once more; docs/kernels.md).
 (b) ResNet-50's 161 parameter tensors (25.6M parameters, shapes generated from
     the architecture below): step time of cupylars (32-bit and 8-bit state)
-    against torch.optim.SGD(momentum=0.9, fused=True) and an eager PyTorch
-    implementation of the same LARS step, with float32 and bfloat16 parameters.
+    against torch.optim.SGD(momentum=0.9, fused=True) and three PyTorch
+    implementations of the same LARS step, with float32 and bfloat16
+    parameters: eager per tensor (about 15 kernels a tensor: host-bound, so it
+    flatters a ratio against it), foreach (multi-tensor kernels over the whole
+    list, timm-style; the per-tensor trust ratios stay on the device) and the
+    per-tensor step through torch.compile (fused by inductor; compiled during
+    warm-up, untimed). Fused SGD moves fewer bytes per element than a LARS step
+    (10 with bfloat16 parameters and momentum, 20 with float32): the "SGD fused,
+    N-bit bytes" rows run it over tensors enlarged by the ratio of the bytes a
+    cupylars step with N-bit state moves per parameter (docs/kernels.md) to
+    SGD's, so that they move the same bytes as the cupylars row.
     cupylars is timed twice: the functional API over CuPy arrays
     (F.lars_update_many) and the torch adapter (cupylars.optim.LARS32bit and
     LARS8bit .step()) over 161 CUDA torch.nn.Parameters with .grad set. The
@@ -242,27 +251,82 @@ def bench_large(cp: Any, timer: Timer, n: int, runs: int, results: dict) -> None
 
 
 # ---- (b) ResNet-50 -------------------------------------------------------------------------------
-def _eager_lars(torch: Any, params: list, grads: list, bufs: list, first: list[bool]) -> None:
-    """The same LARS step (percentile clipping off) in plain PyTorch ops, per tensor,
+# Bytes per parameter a step moves through device memory (momentum and max_unorm
+# on, t > 1; docs/kernels.md, "What each kernel reads and writes"): cupylars by
+# (parameter format, state bits), both passes; fused SGD with momentum reads p, g,
+# m and writes p, m in the parameters' format.
+CUPYLARS_BYTES = {("float32", 32): 32, ("float32", 8): 23, ("bfloat16", 32): 22, ("bfloat16", 8): 13}
+SGD_BYTES = {"float32": 20, "bfloat16": 10}
+
+
+def _lars_tensor(torch: Any, p: Any, g: Any, m: Any, first: bool) -> None:
+    """One tensor's LARS step (percentile clipping off) in plain PyTorch ops,
     float32 arithmetic and state; no host synchronisation."""
+    p32, g32 = p.float(), g.float()
+    g_norm = torch.linalg.vector_norm(g32)
+    p_norm = torch.linalg.vector_norm(p32)
+    d = torch.add(g32, p32, alpha=WEIGHT_DECAY)
+    both = (p_norm > 0) & (g_norm > 0)
+    r = torch.where(both, TRUST * p_norm / (g_norm + WEIGHT_DECAY * p_norm + EPS), 1.0)
+    d.mul_(r)
+    if first:
+        m.copy_(d)
+    else:
+        m.mul_(MOMENTUM).add_(d)
+    u_norm = torch.linalg.vector_norm(m)
+    clip = (p_norm > 0) & (u_norm > MAX_UNORM * p_norm)
+    s = torch.where(clip, MAX_UNORM * p_norm / u_norm, 1.0)
+    new = p32 - (LR * s) * m
+    p.copy_(new)
+
+
+def _eager_lars(torch: Any, params: list, grads: list, bufs: list, first: list[bool]) -> None:
+    """The LARS step per tensor, eagerly: about 15 kernels a tensor."""
     for i, (p, g, m) in enumerate(zip(params, grads, bufs)):
-        p32, g32 = p.float(), g.float()
-        g_norm = torch.linalg.vector_norm(g32)
-        p_norm = torch.linalg.vector_norm(p32)
-        d = torch.add(g32, p32, alpha=WEIGHT_DECAY)
-        both = (p_norm > 0) & (g_norm > 0)
-        r = torch.where(both, TRUST * p_norm / (g_norm + WEIGHT_DECAY * p_norm + EPS), 1.0)
-        d.mul_(r)
-        if first[i]:
-            m.copy_(d)
-            first[i] = False
-        else:
-            m.mul_(MOMENTUM).add_(d)
-        u_norm = torch.linalg.vector_norm(m)
-        clip = (p_norm > 0) & (u_norm > MAX_UNORM * p_norm)
-        s = torch.where(clip, MAX_UNORM * p_norm / u_norm, 1.0)
-        new = p32 - (LR * s) * m
-        p.copy_(new)
+        _lars_tensor(torch, p, g, m, first[i])
+        first[i] = False
+
+
+def _compiled_lars(torch: Any, backend: str = "inductor") -> Callable[[list, list, list, bool], None]:
+    """The per-tensor step over a whole list as one torch.compile'd function (one
+    graph per value of ``first``; compiled at its first two calls)."""
+
+    def step(params: list, grads: list, bufs: list, first: bool) -> None:
+        for p, g, m in zip(params, grads, bufs):
+            _lars_tensor(torch, p, g, m, first)
+
+    return torch.compile(step, backend=backend)
+
+
+def _foreach_lars(torch: Any, params: list, grads: list, bufs: list, first: list[bool]) -> None:
+    """The same step with multi-tensor (``torch._foreach_*``) kernels over the list,
+    as timm-style optimizers batch theirs: norms, trust ratios and clip factors are
+    per-tensor device scalars (no host synchronisation), the elementwise work runs
+    list-wide. ``first`` holds one flag for the whole list. (Multiplying by a list of
+    per-tensor 0-d tensors takes torch's per-tensor path where its multi-tensor
+    kernels want equal shapes: two of the ~12 list operations.)"""
+    p32 = [p.float() for p in params]
+    g32 = [g.float() for g in grads]
+    g_norm = torch.stack(torch._foreach_norm(g32))
+    p_norm = torch.stack(torch._foreach_norm(p32))
+    both = (p_norm > 0) & (g_norm > 0)
+    ones = torch.ones_like(p_norm)
+    r = torch.where(both, TRUST * p_norm / (g_norm + WEIGHT_DECAY * p_norm + EPS), ones)
+    d = torch._foreach_add(g32, p32, alpha=WEIGHT_DECAY)
+    torch._foreach_mul_(d, list(r.unbind()))
+    if first[0]:
+        torch._foreach_copy_(bufs, d)
+        first[0] = False
+    else:
+        torch._foreach_mul_(bufs, MOMENTUM)
+        torch._foreach_add_(bufs, d)
+    u_norm = torch.stack(torch._foreach_norm(bufs))
+    clip = (p_norm > 0) & (u_norm > MAX_UNORM * p_norm)
+    s = torch.where(clip, MAX_UNORM * p_norm / u_norm, ones)
+    step = torch._foreach_mul(bufs, list((-LR * s).unbind()))
+    torch._foreach_add_(p32, step)
+    if p32[0].data_ptr() != params[0].data_ptr():  # a 16-bit format: p32 are float32 copies
+        torch._foreach_copy_(params, p32)
 
 
 @dataclass
@@ -326,7 +390,7 @@ def _time_row(
     rows[key]["seconds"] = time.perf_counter() - t0
 
 
-def bench_resnet(cp: Any, timer: Timer, runs: int, results: dict) -> None:
+def bench_resnet(cp: Any, timer: Timer, runs: int, results: dict, compiled: bool = True) -> None:
     from cupylars import functional as F
 
     shapes = resnet50_shapes()
@@ -360,14 +424,22 @@ def bench_resnet(cp: Any, timer: Timer, runs: int, results: dict) -> None:
             use_grads=lambda new: current.__setitem__("grads", new),
         )
 
-    def torch_list(tdtype: Any, scale: float, gen: Any) -> list:
-        return [(torch.randn(s, device=DEVICE, generator=gen) * scale).to(tdtype) for s in shapes]
+    def torch_list(tdtype: Any, scale: float, gen: Any, of: list | None = None) -> list:
+        return [(torch.randn(s, device=DEVICE, generator=gen) * scale).to(tdtype) for s in of or shapes]
 
-    def parameter_row(tdtype: Any, make_optimizer: Callable[[list], Any]) -> Row:
-        """``make_optimizer`` over torch.nn.Parameters with .grad set."""
+    def parameter_row(
+        tdtype: Any, make_optimizer: Callable[[list], Any], scale_elements: float = 1.0
+    ) -> Row:
+        """``make_optimizer`` over torch.nn.Parameters with .grad set. ``scale_elements``
+        enlarges every tensor (flattened) by that factor."""
         gen = torch.Generator(device=DEVICE).manual_seed(0)
-        params = [torch.nn.Parameter(t) for t in torch_list(tdtype, 0.05, gen)]
-        grads = torch_list(tdtype, 1e-3, gen)
+        if scale_elements == 1.0:
+            params = [torch.nn.Parameter(t) for t in torch_list(tdtype, 0.05, gen)]
+            grads = torch_list(tdtype, 1e-3, gen)
+        else:
+            grown = [(math.ceil(n * scale_elements),) for n in sizes]
+            params = [torch.nn.Parameter(t) for t in torch_list(tdtype, 0.05, gen, grown)]
+            grads = torch_list(tdtype, 1e-3, gen, grown)
 
         def use_grads(new: list) -> None:
             for p, g in zip(params, new):
@@ -382,10 +454,11 @@ def bench_resnet(cp: Any, timer: Timer, runs: int, results: dict) -> None:
 
         return Row(opt.step, lambda: [g.clone() for g in grads], use_grads, details)
 
-    def sgd_row(tdtype: Any) -> Row:
+    def sgd_row(tdtype: Any, scale_elements: float = 1.0) -> Row:
         return parameter_row(
             tdtype,
             lambda ps: torch.optim.SGD(ps, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=True),
+            scale_elements,
         )
 
     def adapter_row(name: str, tdtype: Any) -> Row:
@@ -393,15 +466,23 @@ def bench_resnet(cp: Any, timer: Timer, runs: int, results: dict) -> None:
 
         return parameter_row(tdtype, lambda ps: getattr(cupylars.optim, name)(ps, **HP))
 
-    def eager_row(tdtype: Any) -> Row:
+    def eager_row(tdtype: Any, kind: str = "eager") -> Row:
         gen = torch.Generator(device=DEVICE).manual_seed(0)
         params, grads = torch_list(tdtype, 0.05, gen), torch_list(tdtype, 1e-3, gen)
         bufs = [torch.zeros(s, device=DEVICE, dtype=torch.float32) for s in shapes]
         first = [True] * len(params)
+        compiled = _compiled_lars(torch) if kind == "compiled" else None
 
         def step() -> None:
             with torch.no_grad():
-                _eager_lars(torch, params, grads, bufs, first)
+                if kind == "eager":
+                    _eager_lars(torch, params, grads, bufs, first)
+                elif kind == "foreach":
+                    _foreach_lars(torch, params, grads, bufs, first)
+                else:
+                    assert compiled is not None
+                    compiled(params, grads, bufs, first[0])
+                    first[0] = False
 
         return Row(step, lambda: None, lambda new: None)
 
@@ -418,16 +499,46 @@ def bench_resnet(cp: Any, timer: Timer, runs: int, results: dict) -> None:
         tdtype = torch.float32 if fmt == "float32" else torch.bfloat16
         for variant in ("", FRESH):
             time_row(f"{fmt} torch SGD fused{variant}", lambda t=tdtype: sgd_row(t), fresh=bool(variant))
+        for bits in (32, 8):
+            ratio = CUPYLARS_BYTES[(fmt, bits)] / SGD_BYTES[fmt]
+            make = lambda t=tdtype, r=ratio: sgd_row(t, r)  # noqa: E731
+            time_row(f"{fmt} torch SGD fused, {bits}-bit bytes", make)
         # eager LARS launches ~15 kernels per tensor: fewer runs keep the benchmark short
         time_row(f"{fmt} torch eager LARS", lambda t=tdtype: eager_row(t), max(5, runs // 3))
+        time_row(f"{fmt} torch foreach LARS", lambda t=tdtype: eager_row(t, "foreach"))
+        if compiled:
+            time_row(f"{fmt} torch.compile LARS", lambda t=tdtype: eager_row(t, "compiled"))
         for name in ("LARS32bit", "LARS8bit"):
             for variant in ("", FRESH):
                 make = lambda n=name, t=tdtype: adapter_row(n, t)  # noqa: E731
                 time_row(f"{fmt} optim.{name}{variant}", make, fresh=bool(variant))
 
 
-def check_eager_matches(cp: Any, results: dict) -> None:
-    """The eager rows time the same algorithm: one step of each on the same data."""
+def run_torch_lars(
+    torch: Any, kind: str, params: list, grads: list, steps: int, backend: str = "inductor"
+) -> list:
+    """``steps`` steps of one torch LARS implementation (eager, foreach, compiled with
+    ``backend``) over copies of ``params`` (torch tensors), each step with ``grads``;
+    the results."""
+    params = [p.clone() for p in params]
+    bufs = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    first = [True] * len(params)
+    compiled = _compiled_lars(torch, backend) if kind == "compiled" else None
+    for _ in range(steps):
+        with torch.no_grad():
+            if kind == "eager":
+                _eager_lars(torch, params, grads, bufs, first)
+            elif kind == "foreach":
+                _foreach_lars(torch, params, grads, bufs, first)
+            else:
+                assert compiled is not None
+                compiled(params, grads, bufs, first[0])
+                first[0] = False
+    return params
+
+
+def check_eager_matches(cp: Any, results: dict, compiled: bool = True) -> None:
+    """The torch LARS rows time the same algorithm: three steps of each on the same data."""
     try:
         import torch
 
@@ -437,20 +548,20 @@ def check_eager_matches(cp: Any, results: dict) -> None:
         rng = np.random.default_rng(0)
         p_host = [rng.standard_normal(s).astype(np.float32) * 0.05 for s in shapes]
         g_host = [rng.standard_normal(s).astype(np.float32) * 1e-3 for s in shapes]
-        worst = 0.0
         params = [cp.asarray(p) for p in p_host]
         states = [F.init_state(p) for p in params]
-        tparams = [torch.tensor(p, device=DEVICE) for p in p_host]
-        bufs = [torch.zeros_like(t) for t in tparams]
-        first = [True] * len(shapes)
         for _ in range(3):
             F.lars_update_many(params, [cp.asarray(g) for g in g_host], states, **HP)
-            with torch.no_grad():
-                _eager_lars(torch, tparams, [torch.tensor(g, device=DEVICE) for g in g_host], bufs, first)
-        for a, t, p0 in zip(params, tparams, p_host):
-            moved = np.abs(cp.asnumpy(a) - p0).max()
-            worst = max(worst, float(np.abs(cp.asnumpy(a) - t.cpu().numpy()).max() / max(moved, 1e-30)))
-        results["eager_check"] = {"max_diff_relative_to_update": worst, "agrees": worst < 1e-3}
+        tparams = [torch.tensor(p, device=DEVICE) for p in p_host]
+        tgrads = [torch.tensor(g, device=DEVICE) for g in g_host]
+        kinds = ("eager", "foreach", "compiled") if compiled else ("eager", "foreach")
+        for kind in kinds:
+            worst = 0.0
+            for a, t, p0 in zip(params, run_torch_lars(torch, kind, tparams, tgrads, 3), p_host):
+                moved = np.abs(cp.asnumpy(a) - p0).max()
+                worst = max(worst, float(np.abs(cp.asnumpy(a) - t.cpu().numpy()).max() / max(moved, 1e-30)))
+            key = "eager_check" if kind == "eager" else f"{kind}_check"
+            results[key] = {"max_diff_relative_to_update": worst, "agrees": worst < 1e-3}
     except Exception as e:
         results["eager_check"] = {"error": _err(e)}
 
@@ -505,11 +616,15 @@ def report(results: dict) -> str:
         width = 38
         lines.append(
             f"    {'':{width}s} {'gpu ms':>8s}  {'wall ms':>8s} {'host us/tensor':>14s} "
-            f"{'/ SGD fused':>11s} {'eager /':>8s}"
+            f"{'/ SGD fused':>11s} {'/ SGD same B':>12s} {'eager /':>8s} {'best torch /':>12s}"
         )
         names = (
             "torch SGD fused",
+            "torch SGD fused, 32-bit bytes",
+            "torch SGD fused, 8-bit bytes",
             "torch eager LARS",
+            "torch foreach LARS",
+            "torch.compile LARS",
             "cupylars 32-bit",
             "cupylars 8-bit",
             "optim.LARS32bit",
@@ -517,6 +632,11 @@ def report(results: dict) -> str:
         )
         for fmt in ("float32", "bfloat16"):
             eager = rows.get(f"{fmt} torch eager LARS", {}).get("ms")
+            torch_lars = [
+                rows.get(f"{fmt} {k}", {}).get("ms")
+                for k in ("torch eager LARS", "torch foreach LARS", "torch.compile LARS")
+            ]
+            best = min((ms for ms in torch_lars if ms), default=None)
             for name in names:
                 for variant in ("", FRESH):
                     row = rows.get(f"{fmt} {name}{variant}")
@@ -528,12 +648,16 @@ def report(results: dict) -> str:
                         continue
                     sgd = rows.get(f"{fmt} torch SGD fused{variant}", {}).get("ms")  # same gradients
                     vs_sgd = f"{row['ms'] / sgd:10.2f}x" if sgd else "          -"
-                    mine = eager and name.startswith(("cupylars", "optim."))
-                    speedup = f"{eager / row['ms']:7.1f}x" if mine else "       -"
+                    ours = name.startswith(("cupylars", "optim."))
+                    bits = 8 if name.endswith(("8-bit", "8bit")) else 32
+                    same = rows.get(f"{fmt} torch SGD fused, {bits}-bit bytes", {}).get("ms")
+                    vs_same = f"{row['ms'] / same:11.2f}x" if ours and same else "           -"
+                    speedup = f"{eager / row['ms']:7.1f}x" if ours and eager else "       -"
+                    vs_best = f"{best / row['ms']:11.1f}x" if ours and best else "           -"
                     host = _cell(row, "host_us_per_tensor", "{:.2f}")
                     mark = "*" if row.get("host_over_spin") else " "
                     times = f"{row['ms']:8.3f}{mark} {row['wall_ms']:8.3f} {host:>14s}"
-                    lines.append(f"    {label:{width}s} {times} {vs_sgd} {speedup}")
+                    lines.append(f"    {label:{width}s} {times} {vs_sgd} {vs_same} {speedup} {vs_best}")
                     backend = row.get("backend")
                     if backend is not None and not backend.startswith("cuda"):
                         lines.append(f"      ! not the CUDA kernels: {backend}")
@@ -543,19 +667,24 @@ def report(results: dict) -> str:
             f"    step() on {n} CUDA torch.nn.Parameters. fresh grads: new gradient tensors before",
             "    every step (allocated untimed), as after zero_grad(set_to_none=True).",
             f"    host us/tensor: median host time inside one step call (no synchronisation) / {n}.",
+            "    SGD fused, N-bit bytes: fused SGD over tensors enlarged to move the bytes per parameter",
+            "    of a cupylars step with N-bit state (/ SGD same B compares with it). best torch: the",
+            "    fastest of the eager, foreach and torch.compile LARS rows.",
         ]
         if any(row.get("host_over_spin") for row in rows.values()):
             spin = results.get("spin_ms", "--spin-ms")
             lines.append(f"    * host time > the {spin} ms spin before each step: gpu ms includes host time")
         lines.append("    targets: LARS <= 1.5x fused SGD, >= 5x faster than eager LARS (gpu ms)")
-    check = results.get("eager_check")
-    if check is not None:
+    for kind in ("eager", "foreach", "compiled"):
+        check = results.get(f"{kind}_check")
+        if check is None:
+            continue
         if "error" in check:
-            lines.append(f"eager LARS vs cupylars check: error: {check['error']}")
+            lines.append(f"{kind} LARS vs cupylars check: error: {check['error']}")
         else:
             verdict = "agree" if check["agrees"] else "DISAGREE"
             lines.append(
-                f"eager LARS vs cupylars, 3 steps: {verdict} "
+                f"{kind} LARS vs cupylars, 3 steps: {verdict} "
                 f"(max diff {check['max_diff_relative_to_update']:.1e} of the update)"
             )
     return "\n".join(lines)
@@ -571,6 +700,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spin-ms", type=float, default=2.0, help="GPU busy-wait before each timed run")
     parser.add_argument("--skip-large", action="store_true", help="skip (a)")
     parser.add_argument("--skip-resnet", action="store_true", help="skip (b)")
+    parser.add_argument(
+        "--skip-compile", action="store_true", help="skip the torch.compile LARS rows of (b)"
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes and few runs (a smoke test)")
     parser.add_argument("--json", type=Path, help="write all numbers here")
     parser.add_argument("--report", type=Path, help="write the table here too")
@@ -610,8 +742,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_large(cp, timer, args.large_elements, args.runs, results)
     if not args.skip_resnet:
         print("(b) ResNet-50 ...", flush=True)
-        bench_resnet(cp, timer, args.runs, results)
-        check_eager_matches(cp, results)
+        bench_resnet(cp, timer, args.runs, results, compiled=not args.skip_compile)
+        check_eager_matches(cp, results, compiled=not args.skip_compile)
     results["seconds"] = time.perf_counter() - t0
 
     table = report(results)
