@@ -22,9 +22,12 @@ enum Geometry : int {
   kTile = 256,                  // elements a warp handles per iteration
   kFinalizeThreads = 128,       // threads of a finalize block (>= kHistory)
   // Occupancy floors for __launch_bounds__: 4 blocks cap the update pass at 64
-  // registers a thread; the stats pass (six float64 accumulators) gets 80. Either
-  // keeps far more than the ~20 KB per SM of loads in flight that saturate HBM.
+  // registers a thread; the stats kernels that read m (six float64 accumulators)
+  // get 80 (3 blocks), those without m (at most three) 64 (4 blocks): they move
+  // the fewest bytes per tile, so they need the most threads to keep ~25 KB per SM
+  // of loads in flight (docs/kernels.md, "Bytes in flight").
   kStatsMinBlocks = 3,
+  kStatsNoStateMinBlocks = 4,
   kUpdateMinBlocks = 4,
 };
 

@@ -453,7 +453,8 @@ __device__ __forceinline__ void finalize_body(const long long* __restrict__ tens
 // g, p and m (momentum and max_unorm). Update kernels per state mode. `code_table`
 // is quantization.code_table() (read by the state8 kernels only).
 #define LARS_STATS(FMT_NAME, FMT, NAME, STATE, NEED_P)                                                      \
-  extern "C" __global__ void __launch_bounds__(lars::kThreads, lars::kStatsMinBlocks)                       \
+  extern "C" __global__ void __launch_bounds__(                                                             \
+      lars::kThreads, STATE == lars::kNoState ? lars::kStatsNoStateMinBlocks : lars::kStatsMinBlocks)       \
       lars_stats_##FMT_NAME##_##NAME(const long long* tensors, const long long* blocks, int block_offset,    \
                                      int chunk, const float* code_table, double* partials) {               \
     lars::stats_entry<FMT, STATE, NEED_P>(tensors, blocks, block_offset, chunk, code_table, partials);       \
