@@ -616,13 +616,12 @@ class LARS(Optimizer):
             return False
         if dtensor_module is not None and any(map(isinstance, grads, repeat(dtensor_module.DTensor))):
             return False
-        dicts = [self.state.get(p) for p in params]
-        if not all(map(is_, dicts, plan.state_dicts)):
+        if not all(map(is_, map(self.state.get, params), plan.state_dicts)):
             return False
-        known = plan.state_dicts  # the same dicts, and never None
+        known: list[dict[str, Any]] = plan.state_dicts  # the same dicts (C-level maps: a hot path)
         if list(chain.from_iterable(known)) != plan.state_keys:
             return False
-        values = list(chain.from_iterable(d.values() for d in known))
+        values = list(chain.from_iterable(map(dict.values, known)))
         return all(map(is_, values, plan.state_values)) and list(map(_DATA_PTR, values)) == plan.state_ptrs
 
     def _update_bucket(
@@ -648,10 +647,13 @@ class LARS(Optimizer):
             for param, staging in bucket.staging:
                 staging.copy_(param.detach())
             # One batch of every tensor (foreach), or one per tensor.
-            parts = [range(len(arrays))] if foreach else [range(k, k + 1) for k in range(len(arrays))]
+            if foreach:
+                parts = [(arrays, states, grads)]
+            else:
+                parts = [([a], [s], [g]) for a, s, g in zip(arrays, states, grads)]
             batches = bucket.batches
             if batches is None or not all(
-                b.holds_for([arrays[k] for k in ks], [states[k] for k in ks]) for b, ks in zip(batches, parts)
+                b.holds_for(part[0], part[1]) for b, part in zip(batches, parts)
             ):
                 if capturing:
                     raise GraphCaptureError(
@@ -660,8 +662,7 @@ class LARS(Optimizer):
                         "(the first creates the state, the second prepares what the graph reuses)"
                     )
                 batches = bucket.batches = [
-                    F.prepare([arrays[k] for k in ks], [states[k] for k in ks], dtype=bucket.dtype)
-                    for ks in parts
+                    F.prepare(part[0], part[1], dtype=bucket.dtype) for part in parts
                 ]
             chosen = batches[0].backend
             lr_array = None
@@ -671,14 +672,14 @@ class LARS(Optimizer):
                 else:
                     cfg = replace(cfg, lr=lr_tensor.item())  # a host backend: lr on the CPU
             # (They hold for the arrays and states: stepped without checking again.)
-            for batch, ks in zip(batches, parts):
-                part_arrays, part_states = [arrays[k] for k in ks], [states[k] for k in ks]
+            for batch, (part_arrays, part_states, part_grads) in zip(batches, parts):
                 if batch.backend.takes_addresses:
                     # The kernels need only the gradients' addresses: no array views of them.
-                    addresses = [grads[k].data_ptr() for k in ks]
+                    addresses = list(map(_DATA_PTR, part_grads))
                     batch.step(part_arrays, None, part_states, cfg, addresses, lr_array)
                 else:
-                    batch.step(part_arrays, [backend.view(grads[k]) for k in ks], part_states, cfg)
+                    views = [backend.view(g) for g in part_grads]
+                    batch.step(part_arrays, views, part_states, cfg)
             if capturing:
                 self._keep_for_graphs(*batches, lr_tensor, lr_array, *(s for _, s in bucket.staging))
             for param, staging in bucket.staging:
