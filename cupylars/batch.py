@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from operator import attrgetter, is_
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -163,6 +163,21 @@ class PreparedBatch:
     tables: dict[tuple, Any] = field(default_factory=dict)
     scratch: dict[tuple, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Device arrays that a captured CUDA graph addresses: kept as long as the batch is, so
+    #: that replacing tables or scratch in a later step never frees what a graph replays.
+    graph_memory: list[Any] = field(default_factory=list)
+
+    def pin(self, *arrays: Any) -> None:
+        """Keep ``arrays`` (a captured launch's) for the batch's life; None is skipped."""
+        held = self.graph_memory
+        for a in arrays:
+            if a is not None and not any(a is h for h in held):
+                held.append(a)
+
+    @property
+    def captured(self) -> bool:
+        """Whether a step of this batch was captured into a CUDA graph."""
+        return bool(self.graph_memory)
 
     def __repr__(self) -> str:
         return f"<PreparedBatch of {len(self.versions)} tensors on {self.backend.name!r}>"
@@ -215,6 +230,7 @@ class PreparedBatch:
         config: LarsConfig,
         *,
         grad_addresses: Sequence[int] | None = None,
+        lr_device: Any | None = None,
     ) -> None:
         """One LARS step of the batch.
 
@@ -222,13 +238,17 @@ class PreparedBatch:
         take addresses (``backend.takes_addresses``): one address per parameter, of
         a contiguous gradient the caller checked against the parameter (dtype,
         shape, device), as the torch adapter does.
+
+        ``lr_device`` (CUDA backends only): an array of one float32 or float64
+        element on the device, read by the kernels for lr instead of ``config.lr``
+        when they run, so that a captured CUDA graph uses its value at each replay.
         """
         if not self.holds_for(params, states):
             raise ValueError(
                 "these params and states are not those the batch was prepared for (or a state was "
                 "assigned since): prepare a new batch"
             )
-        self.step(params, grads, states, config, grad_addresses)
+        self.step(params, grads, states, config, grad_addresses, lr_device)
 
     def step(
         self,
@@ -237,17 +257,29 @@ class PreparedBatch:
         states: Sequence[LarsState],
         config: LarsConfig,
         grad_addresses: Sequence[int] | None = None,
+        lr_device: Any | None = None,
     ) -> None:
         """:meth:`update` for a caller that checked :meth:`holds_for` itself."""
+        takes_addresses = getattr(self.backend, "takes_addresses", False)
+        if lr_device is not None and not takes_addresses:
+            raise TypeError(
+                f"the {self.backend.name} backend reads lr from the config; lr_device needs a CUDA backend"
+            )
         if grads is not None:
             self.check_grads(params, grads)
-        elif grad_addresses is None or not getattr(self.backend, "takes_addresses", False):
+        elif grad_addresses is None or not takes_addresses:
             raise TypeError(f"the {self.backend.name} backend needs gradient arrays")
         elif len(grad_addresses) != len(self.versions):
             raise ValueError(f"{len(grad_addresses)} gradient addresses for {len(self.versions)} params")
         if isinstance(self.backend, ReferenceBackend):
             check_no_overlap(params, self.live)  # the others check it when they build tables
-        self.backend.update_many(params, grads, states, config, self, grad_addresses=grad_addresses)
+        if lr_device is None:
+            self.backend.update_many(params, grads, states, config, self, grad_addresses=grad_addresses)
+        else:
+            # Only the CUDA backend takes it (checked above); the Backend protocol has no such keyword.
+            cast(Any, self.backend).update_many(
+                params, grads, states, config, self, grad_addresses=grad_addresses, lr_device=lr_device
+            )
 
 
 def prepare(

@@ -17,6 +17,12 @@ host except with ``nonfinite='raise'``, which must know before the update
 whether a gradient is finite: it reads the stats pass's partial sums (one
 synchronisation) and raises before anything is modified.
 
+CUDA graphs (docs/kernels.md): a step of a batch whose tables and scratch exist
+(an earlier step built them, on any stream of the device) captures as its
+launches alone. Inside a capture a step that would allocate, upload, download,
+synchronise or free raises :class:`GraphCaptureError` before launching anything,
+and the arrays a captured launch addresses are kept by the batch for its life.
+
 The same code sizes the grids, chooses the argument dtypes and launches for
 two runtimes (:mod:`cupylars.cuda_runtime`): CuPy on a GPU and the CPU
 emulator; the tables come from :mod:`cupylars.plan`.
@@ -43,6 +49,7 @@ from .cuda_runtime import (
     THREADS,
     CupyRuntime,
     EmulatedRuntime,
+    GraphCaptureError,
     cuda_include_dirs,
     kernel_names,
     kernel_sources,
@@ -57,6 +64,7 @@ __all__ = [
     "FINALIZE_THREADS",
     "THREADS",
     "CudaBackend",
+    "GraphCaptureError",
     "cuda_include_dirs",
     "cupy_backend",
     "emulated_backend",
@@ -169,8 +177,13 @@ class CudaBackend:
         cfg: LarsConfig,
         batch: PreparedBatch,
         grad_addresses: Sequence[int] | None = None,
+        lr_device: Any | None = None,
     ) -> None:
         """One LARS step over validated tensors (see functional.lars_update_many).
+
+        ``lr_device``, when given, is an array of one float32 or float64 element on
+        the device that the finalize kernel reads lr from when it runs (``cfg.lr`` is
+        then not used): a captured CUDA graph reads its value at every replay.
 
         ``batch`` is the prepared batch (formats,
         live tensors, a token per validated set of states). ``grad_addresses``
@@ -179,6 +192,7 @@ class CudaBackend:
         parameters (dtype, shape, device), as the torch adapter does.
         """
         self._check_call(params, grads, states)
+        lr_f64, lr_f32 = self._lr_pointers(lr_device)
         live = batch.live
         if not live:
             self._check_arrays(params, grads, states)  # as any call: before deciding to do nothing
@@ -189,16 +203,35 @@ class CudaBackend:
         stats_m = uses_m and cfg.clips_update_norm
         need_p = cfg.uses_trust_ratio or cfg.clips_update_norm
         raising = cfg.nonfinite == "raise"
+        capturing = rt.is_capturing()
+        if capturing:
+            if raising:
+                raise GraphCaptureError(
+                    "cupylars: nonfinite='raise' cannot be captured in a CUDA graph: it reads the "
+                    "gradients' norms on the host (a synchronisation) before updating; use 'skip' "
+                    "(the default) or 'propagate' in a captured step"
+                )
+            if uses_m and not batch.has_momentum:
+                raise GraphCaptureError(
+                    "cupylars: the first step with momentum allocates the momentum arrays, which a "
+                    "CUDA graph cannot record; run one step outside the capture first"
+                )
         if uses_m and not raising and not batch.has_momentum:
             self._give_momentum(batch, states)
 
         ctx = rt.context()
         with batch.lock:
             plan = self._plan(
-                ctx, chunk, batch, params, grads, grad_addresses, states, uses_m, stats_m, need_p
+                ctx, chunk, batch, params, grads, grad_addresses, states, uses_m, stats_m, need_p,
+                capturing,
             )
-        scratch = self._scratch_for(ctx, plan, batch)
-        code_table = self._code_table(ctx[0])
+        scratch = self._scratch_for(ctx, plan, batch, capturing)
+        code_table = self._code_table(ctx[0], capturing)
+        if capturing:
+            # The graph addresses these arrays at every replay: the batch keeps them for its
+            # life, whatever later steps replace (a graph outliving its batch is the caller's
+            # to avoid: keep the batch, as the torch adapter does).
+            batch.pin(plan.tensors, plan.blocks, scratch.partials, scratch.coefs, code_table, lr_device)
         # What the stats pass reads (g; p; m) is in its kernel's name (the plan's runs).
         self._launch_chunks(plan.host.stats_runs, plan, chunk, code_table, scratch.partials)
 
@@ -213,7 +246,8 @@ class CudaBackend:
                 self._give_momentum(batch, states)
                 with batch.lock:
                     plan = self._plan(
-                        ctx, chunk, batch, params, grads, grad_addresses, states, uses_m, stats_m, need_p
+                        ctx, chunk, batch, params, grads, grad_addresses, states, uses_m, stats_m,
+                        need_p, False,
                     )
 
         self._launch(
@@ -225,6 +259,8 @@ class CudaBackend:
                 scratch.partials,
                 scratch.coefs,
                 np.float64(cfg.lr),
+                lr_f64,
+                lr_f32,
                 np.float64(cfg.momentum),
                 np.float64(cfg.dampening),
                 np.float64(cfg.weight_decay),
@@ -245,13 +281,32 @@ class CudaBackend:
         self._launch_chunks(plan.host.update_runs[::-1], plan, chunk, *tail)
 
     # -- internals -------------------------------------------------------------------------------
-    def _code_table(self, device: int) -> Any:
+    def _code_table(self, device: int, capturing: bool) -> Any:
         """quantization.code_table() on ``device`` (the 8-bit kernels' map and thresholds),
         uploaded at its first use there and kept."""
         table = self._code_tables.get(device)
         if table is None:
+            if capturing:
+                raise GraphCaptureError(
+                    "cupylars: uploading the 8-bit code table would be recorded in a CUDA graph "
+                    "capture; run one step outside the capture first"
+                )
             table = self._code_tables[device] = self.runtime.xp.asarray(quantization.code_table())
         return table
+
+    def _lr_pointers(self, lr_device: Any | None) -> tuple[np.uint64, np.uint64]:
+        """The finalize kernel's (lr_f64, lr_f32) pointers: 0 (nullptr) or the device lr's address."""
+        null = np.uint64(0)
+        if lr_device is None:
+            return null, null
+        dtype = np.dtype(lr_device.dtype)
+        if lr_device.size != 1 or dtype not in (np.float32, np.float64):
+            raise ValueError(
+                f"lr_device must be one float32 or float64 element, got {lr_device.size} of {dtype}"
+            )
+        self.runtime.check_devices([("lr_device", lr_device)])
+        address = np.uint64(self.runtime.address(lr_device))
+        return (address, null) if dtype == np.float64 else (null, address)
 
     def _chunk(self) -> int:
         return tables.check_chunk(self.chunk_size if self.chunk_size is not None else tables.CHUNK_SIZE)
@@ -316,7 +371,7 @@ class CudaBackend:
 
     def _plan(
         self,
-        ctx: tuple[int, int],
+        ctx: tuple,
         chunk: int,
         batch: PreparedBatch,
         params: Sequence[Any],
@@ -326,6 +381,7 @@ class CudaBackend:
         uses_m: bool,
         stats_m: bool,
         need_p: bool,
+        capturing: bool,
     ) -> _Plan:
         address = self.runtime.address
         live = batch.live
@@ -333,6 +389,14 @@ class CudaBackend:
         key = (ctx, chunk, uses_m, stats_m, need_p)
         plan = batch.tables.get(key)
         if plan is None or plan.param_addresses != param_addresses:
+            if capturing:
+                why = "no step of this batch has run with these switches" if plan is None else (
+                    "a parameter moved since the last step"
+                )
+                raise GraphCaptureError(
+                    f"cupylars: building the device tables ({why}) would upload them inside a CUDA "
+                    "graph capture; run one step outside the capture first, with the same tensors"
+                )
             self._check_states(params, states)
             if grads is not None:
                 self._check_grad_devices(grads, live)
@@ -357,6 +421,15 @@ class CudaBackend:
             assert grad_addresses is not None
             rows = list(map(grad_addresses.__getitem__, plan.order))
         if rows != plan.grad_addresses:
+            if capturing:
+                moved = [plan.order[k] for k, (a, b) in enumerate(zip(rows, plan.grad_addresses)) if a != b]
+                raise GraphCaptureError(
+                    f"cupylars: the gradients of params {moved[:8]} are not at the addresses of the "
+                    "last step outside the capture (fresh gradients, e.g. zero_grad(set_to_none=True) "
+                    "before a backward inside the capture); recording them would need a table upload, "
+                    "which a CUDA graph cannot hold. Keep the gradients allocated across the capture "
+                    "(zero_grad(set_to_none=False)) and step once outside it with them"
+                )
             if grads is not None:
                 # Unchanged addresses are the memory checked before; new ones are checked here.
                 self._check_grad_devices(grads, plan.order)
@@ -438,15 +511,24 @@ class CudaBackend:
             keepalive=keepalive,
         )
 
-    def _scratch_for(self, ctx: tuple[int, int], plan: _Plan, batch: PreparedBatch) -> _Scratch:
-        """The batch's grow-only scratch per (device, stream), reused by every later step:
-        two batches stepped at once (two threads, one stream) never share partial sums."""
+    def _scratch_for(self, ctx: tuple, plan: _Plan, batch: PreparedBatch, capturing: bool) -> _Scratch:
+        """The batch's grow-only scratch per device (see CupyRuntime.context), reused by every
+        later step: two batches stepped at once (two threads, one stream) never share partial
+        sums."""
         need_p, need_c = plan.num_blocks * SUMS, plan.num_tensors * COEF_WORDS
         mine = batch.scratch
         have = mine.get(ctx)
         if have is None or have.partials.size < need_p or have.coefs.size < need_c:
+            if capturing:
+                raise GraphCaptureError(
+                    "cupylars: this batch's scratch must be allocated, which a CUDA graph capture "
+                    "cannot record; run one step outside the capture first, with the same tensors"
+                )
             old_p = 0 if have is None else have.partials.size
             old_c = 0 if have is None else have.coefs.size
+            if have is not None:
+                # Kernels queued on another stream may still use it: retired, not dropped.
+                self._retire(have, self.runtime.fence())
             have = _Scratch(
                 partials=self.runtime.empty(max(need_p, old_p), np.float64),
                 coefs=self.runtime.empty(max(need_c, old_c), np.int32),

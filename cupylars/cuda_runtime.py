@@ -17,7 +17,9 @@ import ctypes
 import hashlib
 import os
 import threading
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,13 @@ __all__ = [
     "FINALIZE_THREADS",
     "THREADS",
     "CupyRuntime",
+    "EmulatedGraph",
     "EmulatedRuntime",
+    "GraphCaptureError",
     "cuda_include_dirs",
+    "emulated_capture",
+    "emulated_capture_active",
+    "emulated_stream",
     "kernel_names",
     "kernel_sources",
 ]
@@ -94,6 +101,18 @@ def cuda_include_dirs() -> list[str]:
     return out
 
 
+class GraphCaptureError(RuntimeError):
+    """An operation a CUDA graph cannot record (an allocation, a host copy, a
+    synchronisation, a free) was asked for while the current stream is capturing."""
+
+
+def _refuse_in_capture(what: str) -> GraphCaptureError:
+    return GraphCaptureError(
+        f"cupylars: {what} while the current stream is capturing a CUDA graph; a graph cannot "
+        "record it (run the step once outside the capture first, with the same tensors, so that "
+        "everything it needs exists)"
+    )
+
 
 # ---- runtimes: the only part that differs between the GPU and the emulator ------------------
 class CupyRuntime:
@@ -112,9 +131,25 @@ class CupyRuntime:
     def device(self) -> int:
         return int(self.xp.cuda.runtime.getDevice())
 
-    def context(self) -> tuple[int, int]:
-        # scratch and tables are reused only on the stream that last used them
-        return self.device(), int(self.xp.cuda.get_current_stream().ptr)
+    def context(self) -> tuple[int]:
+        # Tables and scratch are kept per device, not per stream: a batch prepared on one
+        # stream is used as it is on another, which CUDA graph capture needs (torch.cuda.graph
+        # captures on a stream of its own). This is safe because two steps of one batch update
+        # the same parameters and momenta, so the caller must order them anyway (a step on
+        # stream B after one on stream A waits for A, e.g. B.wait_stream(A)); that order covers
+        # the scratch they share. Tables are never written by the device.
+        return (self.device(),)
+
+    def is_capturing(self) -> bool:
+        stream = self.xp.cuda.get_current_stream()
+        query = getattr(stream, "is_capturing", None)  # CuPy >= 10
+        if query is not None:
+            return bool(query())
+        return bool(self.xp.cuda.runtime.streamIsCapturing(stream.ptr))
+
+    def fence(self) -> Any:
+        """A keepalive for memory retired on the current stream (see release)."""
+        return (None, self.xp.cuda.get_current_stream().record())
 
     def address(self, a: Any) -> int:
         return int(a.data.ptr)
@@ -133,6 +168,10 @@ class CupyRuntime:
         pageable source could make the driver wait for the stream)."""
         cupy = self.xp
         stream = cupy.cuda.get_current_stream()
+        if self.is_capturing():
+            # The copy would become a graph node reading a pinned buffer that goes back to
+            # CuPy's pool later: every replay would copy whatever is there by then.
+            raise _refuse_in_capture("uploading a table")
         pinned_mem = cupy.cuda.alloc_pinned_memory(host.nbytes)
         pinned = np.frombuffer(pinned_mem, host.dtype, host.size).reshape(host.shape)
         pinned[...] = host
@@ -143,18 +182,26 @@ class CupyRuntime:
 
     def release(self, keepalive: Any) -> None:
         """Lets go of an upload's pinned buffer once its copy has run."""
+        if self.is_capturing():
+            raise _refuse_in_capture("releasing retired memory (an event synchronisation)")
         _, done = keepalive
         done.synchronize()  # long complete by the time a plan is evicted
 
     def download(self, device_array: Any) -> np.ndarray:
+        if self.is_capturing():
+            raise _refuse_in_capture("copying device memory to the host")
         return self.xp.asnumpy(device_array)
 
     def empty(self, n: int, dtype: Any) -> Any:
+        if self.is_capturing():
+            raise _refuse_in_capture("allocating scratch memory")
         return self.xp.empty(n, dtype=dtype)
 
     def code_map(self) -> Any:
         device = self.device()
         if device not in self._code_maps:
+            if self.is_capturing():
+                raise _refuse_in_capture("uploading the 8-bit code book")
             self._code_maps[device] = self.xp.asarray(quantization.dynamic_map())
         return self._code_maps[device]
 
@@ -204,13 +251,147 @@ _EMULATED_MODULE: Any = None
 _EMULATED_LOCK = threading.Lock()
 
 
+# ---- emulated streams and graph capture -------------------------------------------------------
+# The emulator runs every launch at once, so a stream is only a name here; it is modelled so
+# that tests can step on one "stream" and capture on another, as torch.cuda.graph does.
+_EMULATION = threading.local()
+
+
+def _emulated_graph() -> EmulatedGraph | None:
+    return getattr(_EMULATION, "graph", None)
+
+
+def emulated_capture_active() -> bool:
+    """Whether this thread is inside :func:`emulated_capture`."""
+    return _emulated_graph() is not None
+
+
+def _memory_owner(a: np.ndarray) -> np.ndarray | None:
+    """The array that owns ``a``'s memory, when NumPy allocated it (else None: memory of
+    another framework, a torch tensor's, whose lifetime the emulator cannot see)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a if a.base is None and a.flags.owndata else None
+
+
+class EmulatedGraph:
+    """Launches recorded by :func:`emulated_capture`, replayed as a CUDA graph would be.
+
+    Each launch keeps its kernel, grid, block and arguments as the graph keeps them:
+    scalars by value and arrays as bare addresses, so a replay reads and writes whatever
+    memory is at those addresses now. What the emulator can tell, it checks: a replay
+    whose launch addresses an array that NumPy allocated and that has been freed since
+    the capture raises :class:`GraphCaptureError` instead of touching freed memory.
+    """
+
+    def __init__(self) -> None:
+        self.launches: list[tuple[str, Any, Any, Any, tuple[Any, ...], list[Any]]] = []
+
+    def __len__(self) -> int:
+        return len(self.launches)
+
+    def record(self, name: str, kernel: Any, grid: Any, block: Any, args: tuple[Any, ...]) -> None:
+        recorded: list[Any] = []
+        owners = []
+        for arg in args:
+            if isinstance(arg, np.ndarray):
+                owner = _memory_owner(arg)
+                if owner is not None:
+                    owners.append(weakref.ref(owner))
+                recorded.append(np.uint64(arg.ctypes.data))  # the graph keeps the address only
+            else:
+                recorded.append(arg)
+        self.launches.append((name, kernel, grid, block, tuple(recorded), owners))
+
+    def replay(self) -> None:
+        """Run the recorded launches again, in order, with their recorded arguments."""
+        if emulated_capture_active():
+            raise GraphCaptureError("cupylars: replaying a graph inside a capture")
+        for name, _, _, _, _, owners in self.launches:
+            if any(ref() is None for ref in owners):
+                raise GraphCaptureError(
+                    f"cupylars: the captured launch of {name} addresses memory that was freed after "
+                    "the capture; a CUDA graph would read or write freed memory"
+                )
+        for _, kernel, grid, block, args, _ in self.launches:
+            kernel(grid, block, args)
+
+
+@contextmanager
+def emulated_capture() -> Iterator[EmulatedGraph]:
+    """Capture the emulated launches of this thread into an :class:`EmulatedGraph`.
+
+    Inside the block the current emulated stream is a fresh one (torch.cuda.graph also
+    captures on a stream of its own), launches are recorded instead of run, and every
+    operation a CUDA graph cannot record (allocating, uploading or downloading,
+    synchronising, freeing) raises :class:`GraphCaptureError` naming it.
+    """
+    if emulated_capture_active():
+        raise GraphCaptureError("cupylars: emulated_capture() does not nest")
+    graph = EmulatedGraph()
+    before = getattr(_EMULATION, "stream", 0)
+    _EMULATION.graph = graph
+    _EMULATION.stream = _next_stream()
+    try:
+        yield graph
+    finally:
+        _EMULATION.graph = None
+        _EMULATION.stream = before
+
+
+_STREAMS = iter(range(1, 2**62))
+_STREAMS_LOCK = threading.Lock()
+
+
+def _next_stream() -> int:
+    with _STREAMS_LOCK:
+        return next(_STREAMS)
+
+
+@contextmanager
+def emulated_stream(stream: int | None = None) -> Iterator[int]:
+    """Make ``stream`` (default: a fresh one) this thread's current emulated stream."""
+    before = getattr(_EMULATION, "stream", 0)
+    _EMULATION.stream = _next_stream() if stream is None else stream
+    try:
+        yield _EMULATION.stream
+    finally:
+        _EMULATION.stream = before
+
+
+class _Recorder:
+    """An emulated kernel inside a capture: its launches are recorded, not run."""
+
+    def __init__(self, name: str, kernel: Any, graph: EmulatedGraph) -> None:
+        self.name, self.kernel, self.graph = name, kernel, graph
+
+    def __call__(self, grid: Any, block: Any, args: tuple[Any, ...]) -> None:
+        self.graph.record(self.name, self.kernel, grid, block, args)
+
+
 class EmulatedRuntime:
     name = "emulated-cuda"
     xp = np
     has_devices = False
 
-    def context(self) -> tuple[int, int]:
-        return (-1, 0)
+    def context(self) -> tuple[int]:
+        # One device; per device, not per stream, as on the GPU (see CupyRuntime.context).
+        return (-1,)
+
+    def stream(self) -> int:
+        """The current emulated stream (see :func:`emulated_stream`)."""
+        return int(getattr(_EMULATION, "stream", 0))
+
+    def is_capturing(self) -> bool:
+        return emulated_capture_active()
+
+    def _guard(self, what: str) -> None:
+        if emulated_capture_active():
+            raise _refuse_in_capture(what)
+
+    def fence(self) -> Any:
+        self._guard("recording an event to retire memory")
+        return None
 
     def address(self, a: Any) -> int:
         # A ctypes view of the buffer gives the address without building the dict of
@@ -225,19 +406,24 @@ class EmulatedRuntime:
         pass
 
     def upload(self, host: np.ndarray) -> tuple[np.ndarray, Any]:
+        self._guard("uploading a table")
         return np.array(host, copy=True), None
 
     def release(self, keepalive: Any) -> None:
-        pass
+        # On the GPU, releasing synchronises with the upload's copy and frees its buffer.
+        self._guard("releasing retired memory (an event synchronisation)")
 
     def download(self, device_array: Any) -> np.ndarray:
+        self._guard("copying device memory to the host")
         return np.array(device_array, copy=True)
 
     def empty(self, n: int, dtype: Any) -> np.ndarray:
+        self._guard("allocating scratch memory")
         return np.empty(n, dtype=dtype)
 
     def code_map(self) -> np.ndarray:
         if not hasattr(self, "_code_map"):
+            self._guard("uploading the 8-bit code book")
             self._code_map = quantization.dynamic_map()
         return self._code_map
 
@@ -251,6 +437,8 @@ class EmulatedRuntime:
                 _EMULATED_MODULE = EmulatedModule(
                     [str(source_path)], kernel_names(), include_dirs=(str(kernel_dir()),)
                 )
-        return _EMULATED_MODULE.get_function(name)
+        kernel = _EMULATED_MODULE.get_function(name)
+        graph = _emulated_graph()
+        return kernel if graph is None else _Recorder(name, kernel, graph)
 
 

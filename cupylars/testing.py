@@ -5,6 +5,11 @@ backend: the unmodified sources in rawkernels/ compiled with g++ through a shim
 header (:mod:`cupylars._emulator`), launched by the same Python code that
 launches them on a GPU. Everything but the hardware is exercised.
 ``native_cpu()`` and ``reference()`` choose the other two host backends.
+
+``with emulated_capture() as graph: ...`` records the emulated launches instead of
+running them, as a CUDA graph capture does, and refuses (``GraphCaptureError``)
+every allocation, host copy, synchronisation and free inside; ``graph.replay()``
+runs them again with their recorded addresses and scalars.
 """
 
 from __future__ import annotations
@@ -12,8 +17,18 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 
 from . import backends
+from .cuda_runtime import EmulatedGraph, GraphCaptureError, emulated_capture, emulated_stream
 
-__all__ = ["active_emulation", "emulated_cuda", "native_cpu", "reference"]
+__all__ = [
+    "EmulatedGraph",
+    "GraphCaptureError",
+    "active_emulation",
+    "emulated_capture",
+    "emulated_cuda",
+    "emulated_stream",
+    "native_cpu",
+    "reference",
+]
 
 
 def emulated_cuda() -> AbstractContextManager[backends.Backend]:

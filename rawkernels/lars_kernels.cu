@@ -365,7 +365,8 @@ __device__ __forceinline__ void update_entry(const long long* tensors, const lon
 // ---- pass 2: per-tensor finalize ------------------------------------------------------------
 __device__ __forceinline__ void finalize_body(const long long* __restrict__ tensors,
                                               const double* __restrict__ partials, TensorCoef* __restrict__ coefs,
-                                              double lr, double momentum, double dampening, double weight_decay,
+                                              double lr, const double* lr_f64, const float* lr_f32,
+                                              double momentum, double dampening, double weight_decay,
                                               double trust_coefficient, double eps, double max_unorm,
                                               int percentile, int switches, int policy) {
   __shared__ double scratch[(kFinalizeThreads / 32) * kSums];
@@ -439,7 +440,12 @@ __device__ __forceinline__ void finalize_body(const long long* __restrict__ tens
   }
   if (threadIdx.x != 0) return;
 
-  const StepConfig config = {lr, momentum, dampening, weight_decay, trust_coefficient, eps, max_unorm, switches};
+  // A learning rate in device memory (a capturable optimizer's lr tensor) is read here, at
+  // run time, so that a replayed CUDA graph sees the value it holds now; the by-value lr is
+  // the one recorded at launch (or capture). Only this thread reads lr (trust_clip and lr*s).
+  const double lr_now = lr_f64 != nullptr ? *lr_f64 : (lr_f32 != nullptr ? static_cast<double>(*lr_f32) : lr);
+  const StepConfig config = {lr_now, momentum, dampening, weight_decay, trust_coefficient, eps, max_unorm,
+                             switches};
   coefs[ti] = step_coef(totals, t, gamma, config);
   *step_count = t;
 }
@@ -484,9 +490,12 @@ LARS_FORMAT(f16, lars::kF16)
 LARS_FORMAT(bf16, lars::kBF16)
 
 extern "C" __global__ void __launch_bounds__(lars::kFinalizeThreads)
-    lars_finalize(const long long* tensors, const double* partials, int* coefs, double lr, double momentum,
-                  double dampening, double weight_decay, double trust_coefficient, double eps, double max_unorm,
-                  int percentile, int switches, int policy) {
-  lars::finalize_body(tensors, partials, reinterpret_cast<lars::TensorCoef*>(coefs), lr, momentum, dampening,
-                      weight_decay, trust_coefficient, eps, max_unorm, percentile, switches, policy);
+    lars_finalize(const long long* tensors, const double* partials, int* coefs, double lr, const double* lr_f64,
+                  const float* lr_f32, double momentum, double dampening, double weight_decay,
+                  double trust_coefficient, double eps, double max_unorm, int percentile, int switches,
+                  int policy) {
+  // lr_f64 / lr_f32: nullptr, or the address of a float64 / float32 lr in device memory that
+  // replaces the by-value lr (at most one is set).
+  lars::finalize_body(tensors, partials, reinterpret_cast<lars::TensorCoef*>(coefs), lr, lr_f64, lr_f32, momentum,
+                      dampening, weight_decay, trust_coefficient, eps, max_unorm, percentile, switches, policy);
 }

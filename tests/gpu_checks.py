@@ -189,6 +189,124 @@ def check_graph_capture(cp) -> None:
         assert cp.asnumpy(a).tobytes() == cp.asnumpy(b).tobytes()
 
 
+def check_graph_capture_other_stream(cp) -> None:
+    """Tables and scratch built on the default stream serve a capture on another stream
+    (they are kept per device), and the graph reads a device lr at each replay."""
+    stream = cp.cuda.Stream(non_blocking=True)
+    if not hasattr(stream, "begin_capture"):
+        raise Skip("this CuPy has no stream capture")
+    rng, params, states = _problem(cp, 7, [(3,), (5000,), (70000,)], "float32", 8, 1000)
+    grads = [cp.asarray(random_grad(rng, p.shape, "float32")) for p in params]
+    twin_p = [p.copy() for p in params]
+    twin_s = [_on(s, cp.copy) for s in states]
+    cfg = F.LarsConfig(lr=0.1, **FULL)
+    lr = cp.asarray([0.1])
+    batch = F.prepare(params, states)
+    batch.update(params, grads, states, cfg, lr_device=lr)  # default stream: tables, scratch
+    cp.cuda.Device().synchronize()
+    with stream:
+        stream.begin_capture()
+        batch.update(params, grads, states, cfg, lr_device=lr)
+        graph = stream.end_capture()
+        for scale in (0.5, 0.25):
+            lr.fill(0.1 * scale)
+            graph.launch()
+    stream.synchronize()
+    for scale in (1.0, 0.5, 0.25):
+        F.lars_update_many(twin_p, grads, twin_s, **dict(FULL, lr=0.1 * scale))
+    for a, b in zip(params, twin_p):
+        assert cp.asnumpy(a).tobytes() == cp.asnumpy(b).tobytes()
+
+
+def _torch_cuda() -> Any:
+    try:
+        import torch
+    except ImportError as e:
+        raise Skip(f"torch is not importable ({e})") from None
+    if not torch.cuda.is_available():
+        raise Skip("torch has no CUDA device")
+    return torch
+
+
+def check_torch_graph_capture(cp, bits: int, foreach: bool) -> None:
+    """The adapter under torch.cuda.graph: warm-up on a side stream, one captured step,
+    replays with new gradient values and a scheduler-style lr, against eager steps."""
+    torch = _torch_cuda()
+    from cupylars.optim import LARS
+
+    shapes = [(70000,), (33, 65), (5,)]
+    lrs = [0.1, 0.1, 0.1, 0.05, 0.2, 0.03]
+    gen = torch.Generator().manual_seed(1)
+    grads = [[torch.randn(s, generator=gen).cuda() for s in shapes] for _ in lrs]
+
+    def make(capturable: bool):
+        g0 = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g0).cuda()) for s in shapes]
+        lr = torch.tensor(lrs[0], device="cuda")
+        groups = [{"params": params[:2]}, {"params": params[2:], "momentum": 0.5, "percentile_clipping": 90}]
+        opt = LARS(groups, lr=lr, momentum=0.9, optim_bits=bits, min_8bit_size=1000, max_unorm=0.05,
+                   trust_coefficient=0.02, foreach=foreach, capturable=capturable)
+        return params, lr, opt
+
+    a_params, a_lr, a_opt = make(True)
+    for p in a_params:
+        p.grad = torch.zeros_like(p)
+
+    def load(params, lr, i):
+        for p, g in zip(params, grads[i]):
+            p.grad.copy_(g)
+        lr.fill_(lrs[i])
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(3):
+            load(a_params, a_lr, i)
+            a_opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        a_opt.step()
+    for i in range(3, len(lrs)):
+        load(a_params, a_lr, i)
+        graph.replay()
+    b_params, b_lr, b_opt = make(False)
+    for p in b_params:
+        p.grad = torch.zeros_like(p)
+    for i in range(len(lrs)):
+        load(b_params, b_lr, i)
+        b_opt.step()
+    torch.cuda.synchronize()
+    for a, b in zip(a_params, b_params):
+        assert torch.equal(a.detach().view(torch.int32), b.detach().view(torch.int32))
+    for p, q in zip(a_params, b_params):
+        for k, v in a_opt.state[p].items():
+            assert torch.equal(v, b_opt.state[q][k]), k
+
+
+def check_torch_capture_refuses_fresh_grads(cp) -> None:
+    """zero_grad(set_to_none=True) then new gradients inside a capture: a clear error."""
+    torch = _torch_cuda()
+    from cupylars.cuda_runtime import GraphCaptureError
+    from cupylars.optim import LARS
+
+    params = [torch.nn.Parameter(torch.randn(1000, device="cuda"))]
+    opt = LARS(params, lr=torch.tensor(0.1, device="cuda"), momentum=0.9, capturable=True)
+    for _ in range(2):
+        params[0].grad = torch.randn(1000, device="cuda")
+        opt.step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            params[0].grad = torch.randn(1000, device="cuda")  # allocated in the capture
+            opt.step()
+    except GraphCaptureError as e:
+        assert "not at the addresses" in str(e), str(e)
+    else:
+        raise AssertionError("a step over fresh gradients was captured")
+
+
 def check_launch_count(cp) -> None:
     sizes = np.random.default_rng(0).integers(1, 3000, 200)
     rng, params, states = _problem(cp, 6, [(int(n),) for n in sizes], "float16", 32)
@@ -229,6 +347,14 @@ CHECKS: list[tuple[str, Callable[..., None], dict[str, Any]]] = [
     ("skip_and_raise", check_skip_and_raise, {}),
     *[(f"bitwise_identical[{b}]", check_two_runs_are_bitwise_identical, {"bits": b}) for b in (32, 8)],
     ("graph_capture", check_graph_capture, {}),
+    ("graph_capture_other_stream", check_graph_capture_other_stream, {}),
+    *[
+        (f"torch_graph_capture[{bits}-{'foreach' if fe else 'single'}]", check_torch_graph_capture,
+         {"bits": bits, "foreach": fe})
+        for bits in (32, 8)
+        for fe in (True, False)
+    ],
+    ("torch_capture_refuses_fresh_grads", check_torch_capture_refuses_fresh_grads, {}),
     ("launch_count", check_launch_count, {}),
     ("other_device_rejected", check_other_device_rejected, {}),
     ("backend_reason", check_backend_reason, {}),

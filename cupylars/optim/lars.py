@@ -8,7 +8,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain, compress, repeat
 from operator import attrgetter, is_, is_not
 from typing import Any, cast
@@ -26,12 +26,14 @@ from ..config import (
     validate_min_8bit_size,
     validate_optim_bits,
 )
+from ..cuda_runtime import GraphCaptureError, emulated_capture_active
 from ..quantization import ZERO_CODE, num_blocks
 from ..state import HISTORY_SIZE, UNRECORDED, LarsState
+from ..testing import active_emulation
 from . import bridge, checkpoint
 from .manager import GlobalOptimManager
 
-__all__ = ["HYPERPARAMETERS", "LARS", "LARS8bit", "LARS32bit"]
+__all__ = ["HYPERPARAMETERS", "LARS", "GraphCaptureError", "LARS8bit", "LARS32bit"]
 
 # Attributes of bitsandbytes' ``args`` object that override the keyword arguments.
 _ARGS_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "max_unorm")
@@ -89,6 +91,11 @@ _DOC = r"""Implements LARS with {bits}momentum state: {summary}
         foreach: ``None``/``True`` updates the tensors of one device, format and
             hyperparameters in one call (a constant number of kernel launches on
             CUDA); ``False`` updates them one by one. Results are identical.
+        capturable: the step may be captured in a CUDA graph (keyword only, per
+            group too). A tensor ``lr`` is then read by the kernels from device
+            memory at every step and replay (a scheduler that updates it in place
+            reaches the graph), never on the host; a float ``lr`` is frozen in a
+            graph at capture. See docs/torch.md, "CUDA graphs".
 
     State per tensor (torch tensors on the parameter's device, see
     :mod:`cupylars.optim.checkpoint`): ``step``, ``skipped``, ``state1``
@@ -122,6 +129,7 @@ class _Work:
     label: str
     sharded: bool
     foreach: bool
+    lr_tensor: torch.Tensor | None = None  # a capturable group's tensor lr, read on the device
 
 
 def _fingerprint(tensor: torch.Tensor | None) -> Any:
@@ -151,7 +159,10 @@ class _Bucket:
     arrays: list[Any]  # array views of the parameters (of ``staging`` for strided ones)
     states: list[LarsState]
     staging: list[tuple[torch.Tensor, torch.Tensor]]  # (strided parameter, its contiguous copy)
-    batch: PreparedBatch | None = None  # the arrays and states, prepared at the first fast step
+    # The arrays and states prepared at the first fast step: one batch (foreach), or one per
+    # tensor. Owned here (not remembered by lars_update_many) so that a captured CUDA graph
+    # can keep the batches whose memory it addresses.
+    batches: list[PreparedBatch] | None = None
 
 
 @dataclass(eq=False)
@@ -223,6 +234,7 @@ class LARS(Optimizer):
         eps: float = 1e-8,
         nonfinite: str = "skip",
         foreach: bool | None = None,
+        capturable: bool = False,
     ) -> None:
         options = {
             "optim_bits": optim_bits,
@@ -249,6 +261,7 @@ class LARS(Optimizer):
             "eps": eps,
             "nonfinite": nonfinite,
             "foreach": foreach,
+            "capturable": capturable,
             **options,
         }
         _group_config(defaults, None, "defaults")  # validate before anything is built
@@ -265,6 +278,10 @@ class LARS(Optimizer):
         self._warned: set[str] = set()
         # Per param group, what the last full step found (see _GroupPlan); None: no fast step.
         self._plans: list[_GroupPlan] | None = None
+        # What captured CUDA graphs address (prepared batches holding tables and scratch, lr
+        # tensors): kept as long as the optimizer, across load_state_dict, so that no replay
+        # reads memory freed after its capture.
+        self._graph_keepalive: list[Any] = getattr(self, "_graph_keepalive", [])
         #: Device -> the backend that updated its tensors at the last step, and why.
         self.backends: dict[str, str] = {}
         # The skip warning: steps since (re)initialisation, the skips already known then, and
@@ -309,6 +326,20 @@ class LARS(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        if _capturing():
+            # Inside a CUDA graph capture only the fast step, launches and nothing else, may
+            # run; whatever else this step would do raises here, before anything is recorded.
+            self._check_capturable()
+            if not self._fast_step(capturing=True):
+                raise GraphCaptureError(
+                    f"{type(self).__name__}: this step cannot be captured in a CUDA graph: it is not "
+                    "a repeat of the last step outside the capture (the first step creates the "
+                    "state, and a change of param groups, gradients present, dtypes, shapes, "
+                    "devices, parameter storage, state tensors or optim_bits/momentum/percentile "
+                    "switches needs new tables). Run the same step once outside the capture "
+                    "(warm-up), then capture"
+                )
+            return loss  # no look at the skip counters: that reads the device
         if self._fast_step():
             self._look_for_skips()
             return loss
@@ -343,6 +374,58 @@ class LARS(Optimizer):
             self._plans = self._plan_groups(work)
         self._look_for_skips()
         return loss
+
+    def _check_capturable(self) -> None:
+        """Raise, naming the reason, when a step cannot be captured in a CUDA graph."""
+        name = type(self).__name__
+        if GlobalOptimManager.get_instance().uses_config_override:
+            raise GraphCaptureError(
+                f"{name}: steps with GlobalOptimManager overrides cannot be captured in a CUDA graph "
+                "(the overrides are resolved on the host at every step)"
+            )
+        on_torch = not emulated_capture_active()
+        for gi, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            label = f"param group {gi}"
+            if not group.get("capturable", False):
+                raise GraphCaptureError(
+                    f"{name}: a step is being captured in a CUDA graph but {label} has "
+                    "capturable=False; pass capturable=True (to the optimizer or the group)"
+                )
+            if group["nonfinite"] == "raise":
+                raise GraphCaptureError(
+                    f"{name}: {label} has nonfinite='raise', which checks the gradients on the host "
+                    "(a synchronisation) and cannot be captured in a CUDA graph; use 'skip' or 'propagate'"
+                )
+            lr = group["lr"]
+            for p in params:
+                if bridge.is_dtensor(p):
+                    raise GraphCaptureError(f"{name}: {label}: sharded (DTensor) steps cannot be captured")
+                if not on_torch:
+                    if p.device.type != "cpu" or active_emulation() is None:
+                        raise GraphCaptureError(
+                            f"{name}: emulated_capture() captures CPU tensors updated by the emulated "
+                            "kernels: step inside cupylars.testing.emulated_cuda()"
+                        )
+                    continue
+                if p.device.type != "cuda":
+                    raise GraphCaptureError(
+                        f"{name}: {label} has a parameter on {p.device}; a CUDA graph records only work "
+                        "on CUDA tensors (the host backend would run now, not at replay)"
+                    )
+                if not self._backend(p.device).zero_copy:
+                    raise GraphCaptureError(
+                        f"{name}: {p.device} tensors are updated through host copies "
+                        f"({self._backend(p.device).reason}), which a CUDA graph cannot record"
+                    )
+                if isinstance(lr, torch.Tensor) and lr.device != p.device:
+                    raise GraphCaptureError(
+                        f"{name}: {label} has its lr tensor on {lr.device} and parameters on {p.device}: "
+                        "a CUDA graph reads lr from device memory at each replay; put lr on "
+                        f"{p.device} (or pass a float, frozen at capture)"
+                    )
 
     # -- skipped tensors -------------------------------------------------------------
 
@@ -465,7 +548,7 @@ class LARS(Optimizer):
             )
         return plans
 
-    def _fast_step(self) -> bool:
+    def _fast_step(self, capturing: bool = False) -> bool:
         """The step over what the last full step planned, if nothing it relied on changed.
 
         Checks what a full step would (gradients' layout, dtype, shape and device,
@@ -501,16 +584,18 @@ class LARS(Optimizer):
                 return False
             if not self._unchanged(plan, grads, dtensor_module):
                 return False
-            steps.append((plan, grads, cfg))
+            steps.append((plan, grads, cfg, _device_lr(group, None)))
         if not steps:
             return False
         _raise_on_nonfinite(
-            (label, g, cfg) for plan, grads, cfg in steps for label, g in zip(plan.labels, grads)
+            (label, g, cfg) for plan, grads, cfg, _ in steps for label, g in zip(plan.labels, grads)
         )
-        for plan, grads, cfg in steps:
+        for plan, grads, cfg, lr_tensor in steps:
             for bucket in plan.buckets:
-                self._update_bucket(bucket, [grads[k] for k in bucket.index], cfg, plan.foreach)
-        torch.autograd.graph.increment_version([p for plan, _, _ in steps for p in plan.with_grad])
+                self._update_bucket(
+                    bucket, [grads[k] for k in bucket.index], cfg, plan.foreach, lr_tensor, capturing
+                )
+        torch.autograd.graph.increment_version([p for plan, _, _, _ in steps for p in plan.with_grad])
         return True
 
     def _unchanged(self, plan: _GroupPlan, grads: list[torch.Tensor], dtensor_module: Any) -> bool:
@@ -531,42 +616,91 @@ class LARS(Optimizer):
             return False
         if dtensor_module is not None and any(map(isinstance, grads, repeat(dtensor_module.DTensor))):
             return False
-        dicts = [self.state.get(p) for p in params]
-        if not all(map(is_, dicts, plan.state_dicts)):
+        if not all(map(is_, map(self.state.get, params), plan.state_dicts)):
             return False
-        known = plan.state_dicts  # the same dicts, and never None
+        known: list[dict[str, Any]] = plan.state_dicts  # the same dicts (C-level maps: a hot path)
         if list(chain.from_iterable(known)) != plan.state_keys:
             return False
-        values = list(chain.from_iterable(d.values() for d in known))
+        values = list(chain.from_iterable(map(dict.values, known)))
         return all(map(is_, values, plan.state_values)) and list(map(_DATA_PTR, values)) == plan.state_ptrs
 
     def _update_bucket(
-        self, bucket: _Bucket, grads: list[torch.Tensor], cfg: LarsConfig, foreach: bool
+        self,
+        bucket: _Bucket,
+        grads: list[torch.Tensor],
+        cfg: LarsConfig,
+        foreach: bool,
+        lr_tensor: torch.Tensor | None = None,
+        capturing: bool = False,
     ) -> None:
         if not all(map(_IS_CONTIGUOUS, grads)):
+            if capturing:
+                # .contiguous() would copy into memory allocated inside the capture, at another
+                # address than the tables hold: name the cause rather than the table rebuild.
+                raise GraphCaptureError(
+                    f"{type(self).__name__}: a non-contiguous gradient cannot be captured in a CUDA graph"
+                )
             grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
         backend = bucket.backend
+        arrays, states = bucket.arrays, bucket.states
         with backend.context():
             for param, staging in bucket.staging:
                 staging.copy_(param.detach())
+            # One batch of every tensor (foreach), or one per tensor.
             if foreach:
-                batch = bucket.batch
-                if batch is None or not batch.holds_for(bucket.arrays, bucket.states):
-                    batch = bucket.batch = F.prepare(bucket.arrays, bucket.states, dtype=bucket.dtype)
-                # (It holds for the arrays and states: step it without checking again.)
+                parts = [(arrays, states, grads)]
+            else:
+                parts = [([a], [s], [g]) for a, s, g in zip(arrays, states, grads)]
+            batches = bucket.batches
+            if batches is None or not all(
+                b.holds_for(part[0], part[1]) for b, part in zip(batches, parts)
+            ):
+                if capturing:
+                    raise GraphCaptureError(
+                        f"{type(self).__name__}: the tensors of this step have not been prepared by an "
+                        "eager step like it; warm up with at least two eager steps before capturing "
+                        "(the first creates the state, the second prepares what the graph reuses)"
+                    )
+                batches = bucket.batches = [
+                    F.prepare(part[0], part[1], dtype=bucket.dtype) for part in parts
+                ]
+            chosen = batches[0].backend
+            lr_array = None
+            if lr_tensor is not None:
+                if chosen.takes_addresses:
+                    lr_array = self._lr_view(backend, lr_tensor)  # read by the kernels when they run
+                else:
+                    cfg = replace(cfg, lr=lr_tensor.item())  # a host backend: lr on the CPU
+            # (They hold for the arrays and states: stepped without checking again.)
+            for batch, (part_arrays, part_states, part_grads) in zip(batches, parts):
                 if batch.backend.takes_addresses:
                     # The kernels need only the gradients' addresses: no array views of them.
-                    batch.step(bucket.arrays, None, bucket.states, cfg, list(map(_DATA_PTR, grads)))
+                    addresses = list(map(_DATA_PTR, part_grads))
+                    batch.step(part_arrays, None, part_states, cfg, addresses, lr_array)
                 else:
-                    batch.step(bucket.arrays, [backend.view(g) for g in grads], bucket.states, cfg)
-                chosen = batch.backend
-            else:
-                views = [backend.view(g) for g in grads]
-                _run(bucket.arrays, views, bucket.states, cfg, bucket.dtype, foreach)
-                chosen = F.backend_for(bucket.arrays[:1])
+                    views = [backend.view(g) for g in part_grads]
+                    batch.step(part_arrays, views, part_states, cfg)
+            if capturing:
+                self._keep_for_graphs(*batches, lr_tensor, lr_array, *(s for _, s in bucket.staging))
             for param, staging in bucket.staging:
                 param.detach().copy_(staging)
         self.backends[str(backend.device)] = f"{chosen.name}: {chosen.reason}; {backend.reason}"
+
+    def _keep_for_graphs(self, *objects: Any) -> None:
+        held = self._graph_keepalive
+        for obj in objects:
+            if obj is not None and not any(obj is h for h in held):
+                held.append(obj)
+
+    def _lr_view(self, backend: bridge.DeviceBackend, lr: torch.Tensor) -> Any:
+        """An array view of a capturable group's lr tensor (cached while its storage stays)."""
+        key = (backend.array_module, "lr", _fingerprint(lr))
+        cached = self._views.get(lr)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        view = backend.view(lr.detach())
+        self._views[lr] = (key, view)
+        return view
 
     def _collect(self) -> list[_Work]:
         manager = GlobalOptimManager.get_instance()
@@ -604,7 +738,8 @@ class LARS(Optimizer):
                 else:
                     config = _group_config(group, override, f"{label} (with GlobalOptimManager overrides)")
                 foreach = group.get("foreach", None) is not False
-                work.append(_Work(p, grad, *config, fmt, label, is_sharded, foreach))
+                lr_tensor = _device_lr(group, override)
+                work.append(_Work(p, grad, *config, fmt, label, is_sharded, foreach, lr_tensor))
         return work
 
     def _prepare_state(self, w: _Work) -> None:
@@ -653,15 +788,19 @@ class LARS(Optimizer):
     def _update_dense(self, dense: list[_Work]) -> None:
         # Group per device, hyperparameters and dtype argument: each group is one update call
         # (float32 and float16 tensors share one; bfloat16 must be declared, so it has its own).
-        buckets: dict[tuple[torch.device, str | None, LarsConfig, bool], list[_Work]] = {}
+        # A device lr is part of the key by identity (its value is not known on the host).
+        buckets: dict[tuple[torch.device, str | None, LarsConfig, bool, int], list[_Work]] = {}
         for w in dense:
-            key = (w.param.device, bridge.dtype_argument(w.fmt), w.cfg, w.foreach)
+            key = (w.param.device, bridge.dtype_argument(w.fmt), w.cfg, w.foreach, id(w.lr_tensor))
             buckets.setdefault(key, []).append(w)
-        for (device, dtype, cfg, foreach), items in buckets.items():
+        for (device, dtype, cfg, foreach, _), items in buckets.items():
             backend = self._backend(device)
+            lr_tensor = items[0].lr_tensor
             if backend.zero_copy:
-                self._update_views(backend, items, cfg, dtype, foreach)
+                self._update_views(backend, items, cfg, dtype, foreach, lr_tensor)
             else:
+                if lr_tensor is not None:
+                    cfg = replace(cfg, lr=lr_tensor.item())  # updated on the host: lr on the host
                 self._update_host_copies(backend, items, cfg, dtype, foreach)
 
     def _update_views(
@@ -671,6 +810,7 @@ class LARS(Optimizer):
         cfg: LarsConfig,
         dtype: str | None,
         foreach: bool,
+        lr_tensor: torch.Tensor | None = None,
     ) -> None:
         with backend.context():
             params, grads, states, copied = [], [], [], []
@@ -686,7 +826,13 @@ class LARS(Optimizer):
                 params.append(param)
                 grads.append(backend.view(grad))
                 states.append(state)
-            _run(params, grads, states, cfg, dtype, foreach)
+            lr_array = None
+            if lr_tensor is not None:
+                if F.backend_for(params[:1]).takes_addresses:
+                    lr_array = self._lr_view(backend, lr_tensor)
+                else:
+                    cfg = replace(cfg, lr=lr_tensor.item())
+            _run(params, grads, states, cfg, dtype, foreach, lr_array)
             for param, dense_copy in copied:
                 param.detach().copy_(dense_copy)
         chosen = F.backend_for(params[:1])
@@ -850,8 +996,16 @@ def _run(
     cfg: LarsConfig,
     dtype: str | None,
     foreach: bool,
+    lr_device: Any | None = None,
 ) -> None:
     """The multi-tensor path (one call) or the per-tensor path (one call per tensor)."""
+    if lr_device is not None:
+        # lars_update_many reads lr from the config only: prepared batches take a device lr.
+        parts = [range(len(params))] if foreach else [range(k, k + 1) for k in range(len(params))]
+        for ks in parts:
+            p, g, s = [params[k] for k in ks], [grads[k] for k in ks], [states[k] for k in ks]
+            F.prepare(p, s, dtype=dtype).update(p, g, s, cfg, lr_device=lr_device)
+        return
     if foreach:
         F.lars_update_many(params, grads, states, config=cfg, dtype=dtype)
     else:
@@ -868,11 +1022,49 @@ def _scalar(label: str, key: str, value: Any) -> Any:
     return value
 
 
+def _capturing() -> bool:
+    """Whether this thread's current stream is capturing a CUDA graph (or an emulated one)."""
+    if emulated_capture_active():
+        return True
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+def _device_lr(group: dict[str, Any], override: dict[str, Any] | None) -> torch.Tensor | None:
+    """A capturable group's tensor lr, which the kernels read from device memory (None: lr is
+    a number, or a per-tensor override replaces it)."""
+    lr = group["lr"]
+    if not group.get("capturable", False) or not isinstance(lr, torch.Tensor):
+        return None
+    if override and "lr" in override:
+        return None
+    return lr
+
+
+def _check_device_lr(label: str, lr: torch.Tensor) -> None:
+    if lr.numel() != 1 or lr.dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"{label}: a tensor lr of a capturable group must hold one float32 or float64 element "
+            f"(the kernels read it from device memory), got {lr.dtype} of shape {tuple(lr.shape)}"
+        )
+    if lr.requires_grad:
+        raise ValueError(f"{label}: the lr tensor requires grad; pass a tensor that does not")
+
+
 def _group_config(
     group: dict[str, Any], override: dict[str, Any] | None, label: str
 ) -> tuple[LarsConfig, int, int]:
     """The validated step configuration of a group (with per-tensor overrides)."""
     values = {key: group[key] for key in (*HYPERPARAMETERS, "optim_bits", "min_8bit_size")}
+    capturable = group.get("capturable", False)
+    if not isinstance(capturable, bool):
+        raise TypeError(f"{label}: capturable must be a bool, got {capturable!r}")
+    lr = values["lr"]
+    if capturable and isinstance(lr, torch.Tensor) and not (override and "lr" in override):
+        _check_device_lr(label, lr)
+        if lr.device.type != "cpu":
+            # Read by the kernels on the device (_device_lr): reading it here would synchronise
+            # (and cannot be captured). Its value is therefore not validated (lr >= 0).
+            values["lr"] = 0.0
     if override:
         values.update(override)
     try:
@@ -905,6 +1097,7 @@ def _fixed_bits_init(
     eps: float = 1e-8,
     nonfinite: str = "skip",
     foreach: bool | None = None,
+    capturable: bool = False,
 ) -> None:
     """The signature of LARS8bit and LARS32bit: bitsandbytes' LARS less optim_bits."""
 
@@ -959,6 +1152,7 @@ class _FixedBitsLARS(LARS):
             eps=a["eps"],
             nonfinite=a["nonfinite"],
             foreach=a["foreach"],
+            capturable=a["capturable"],
         )
 
 
