@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from . import quantization
 from ._paths import kernel_dir
 from .plan import FORMAT_NAMES, STATE_NAMES, STATS_NAMES
 
@@ -126,7 +125,6 @@ class CupyRuntime:
         self._lock = threading.Lock()
         self._modules: dict[int, Any] = {}
         self._functions: dict[tuple[int, str], Any] = {}
-        self._code_maps: dict[int, Any] = {}
 
     def device(self) -> int:
         return int(self.xp.cuda.runtime.getDevice())
@@ -196,14 +194,6 @@ class CupyRuntime:
         if self.is_capturing():
             raise _refuse_in_capture("allocating scratch memory")
         return self.xp.empty(n, dtype=dtype)
-
-    def code_map(self) -> Any:
-        device = self.device()
-        if device not in self._code_maps:
-            if self.is_capturing():
-                raise _refuse_in_capture("uploading the 8-bit code book")
-            self._code_maps[device] = self.xp.asarray(quantization.dynamic_map())
-        return self._code_maps[device]
 
     def _compile(self) -> Any:
         cupy = self.xp
@@ -420,12 +410,6 @@ class EmulatedRuntime:
     def empty(self, n: int, dtype: Any) -> np.ndarray:
         self._guard("allocating scratch memory")
         return np.empty(n, dtype=dtype)
-
-    def code_map(self) -> np.ndarray:
-        if not hasattr(self, "_code_map"):
-            self._guard("uploading the 8-bit code book")
-            self._code_map = quantization.dynamic_map()
-        return self._code_map
 
     def function(self, name: str) -> Any:
         global _EMULATED_MODULE
