@@ -106,7 +106,9 @@ class _Plan:
     Everything here depends on the parameters and states only, except the
     gradient column of the tensor rows, rewritten (and the rows uploaded again)
     when the gradients move: a training loop that frees its gradients every
-    step (``zero_grad(set_to_none=True)``) pays one small upload per step.
+    step (``zero_grad(set_to_none=True)``) pays one small upload per step. Inside
+    a CUDA graph capture the moved addresses go to ``graph_rows`` instead, by
+    recorded launches (``CudaBackend._record_grads``).
     """
 
     param_addresses: list[int]  # of the live params, in the caller's order: the plan's key
