@@ -22,6 +22,9 @@ CUDA graphs (docs/kernels.md): a step of a batch whose tables and scratch exist
 launches alone. Inside a capture a step that would allocate, upload, download,
 synchronise or free raises :class:`GraphCaptureError` before launching anything,
 and the arrays a captured launch addresses are kept by the batch for its life.
+Gradients at new addresses (allocated by a backward inside the capture) are
+written into the graph's own copy of the tensor rows by ``lars_set_grads``
+launches, their addresses passed by value, and the captured step reads that copy.
 
 The same code sizes the grids, chooses the argument dtypes and launches for
 two runtimes (:mod:`cupylars.cuda_runtime`): CuPy on a GPU and the CPU
@@ -46,6 +49,8 @@ from . import quantization
 from .config import NONFINITE_POLICIES, LarsConfig, nonfinite_error
 from .cuda_runtime import (
     FINALIZE_THREADS,
+    GRAD_PATCH,
+    GRAD_PATCH_ROWS,
     THREADS,
     CupyRuntime,
     EmulatedRuntime,
@@ -68,6 +73,7 @@ __all__ = [
     "cuda_include_dirs",
     "cupy_backend",
     "emulated_backend",
+    "grad_patches",
     "kernel_names",
     "kernel_sources",
     "record_launches",
@@ -100,7 +106,9 @@ class _Plan:
     Everything here depends on the parameters and states only, except the
     gradient column of the tensor rows, rewritten (and the rows uploaded again)
     when the gradients move: a training loop that frees its gradients every
-    step (``zero_grad(set_to_none=True)``) pays one small upload per step.
+    step (``zero_grad(set_to_none=True)``) pays one small upload per step. Inside
+    a CUDA graph capture the moved addresses go to ``graph_rows`` instead, by
+    recorded launches (``CudaBackend._record_grads``).
     """
 
     param_addresses: list[int]  # of the live params, in the caller's order: the plan's key
@@ -108,6 +116,11 @@ class _Plan:
     grad_addresses: list[int]  # what the device rows hold, in row order
     tensors: Any  # device int64 view: num_tensors x TENSOR_FIELDS
     blocks: Any  # device int64 view: num_blocks
+    # A second copy of the tensor rows (device int64 view, same layout), read only by steps
+    # captured over gradients at other addresses than ``grad_addresses``: their lars_set_grads
+    # launches write its gradient and quad-access columns, so the rows eager steps read are
+    # never written by the device. Uploaded with the table, so a capture allocates nothing.
+    graph_rows: Any
     keepalive: Any  # the runtime's hold on the table's upload buffer
     rows_keepalive: Any = None  # ... and on the last re-upload of the tensor rows
 
@@ -132,6 +145,27 @@ class _Plan:
 class _Scratch:
     partials: Any  # float64, SUMS per block
     coefs: Any  # int32, COEF_WORDS per tensor
+
+
+def grad_patches(grad_addresses: Sequence[int], vector: np.ndarray) -> list[np.void]:
+    """The ``lars_set_grads`` arguments that write ``grad_addresses`` and the quad-access
+    flags ``vector`` (both in row order) into every row of a tensor table: one struct of
+    up to GRAD_PATCH_ROWS consecutive rows per launch."""
+    patches: list[np.void] = []
+    n = len(grad_addresses)
+    for first in range(0, n, GRAD_PATCH_ROWS):
+        count = min(GRAD_PATCH_ROWS, n - first)
+        # A fresh 0-d array per launch: its np.void scalar views this memory, which nothing
+        # writes again (a recorded launch keeps the scalar until the graph goes).
+        patch = np.zeros((), GRAD_PATCH)
+        patch["grad"][:count] = grad_addresses[first : first + count]
+        patch["vector"] = sum(1 << k for k in np.flatnonzero(vector[first : first + count]).tolist())
+        patch["first"] = first
+        patch["count"] = count
+        scalar = patch[()]  # the struct as a NumPy scalar: passed by value
+        assert isinstance(scalar, np.void)
+        patches.append(scalar)
+    return patches
 
 
 _FLAGS = attrgetter("flags")
@@ -221,19 +255,27 @@ class CudaBackend:
 
         ctx = rt.context()
         with batch.lock:
-            plan = self._plan(
+            plan, captured_grads = self._plan(
                 ctx, chunk, batch, params, grads, grad_addresses, states, uses_m, stats_m, need_p,
                 capturing,
             )
         scratch = self._scratch_for(ctx, plan, batch, capturing)
         code_table = self._code_table(ctx[0], capturing)
+        tensors = plan.tensors
         if capturing:
+            if captured_grads is not None:
+                # Gradients at new addresses (a backward inside the capture allocated them):
+                # every replay first writes them into the graph's copy of the rows, and the
+                # launches below read that copy. Recorded after every check that could raise,
+                # so a refused capture records nothing.
+                tensors = plan.graph_rows
+                self._record_grads(plan, captured_grads)
             # The graph addresses these arrays at every replay: the batch keeps them for its
             # life, whatever later steps replace (a graph outliving its batch is the caller's
             # to avoid: keep the batch, as the torch adapter does).
-            batch.pin(plan.tensors, plan.blocks, scratch.partials, scratch.coefs, code_table, lr_device)
+            batch.pin(tensors, plan.blocks, scratch.partials, scratch.coefs, code_table, lr_device)
         # What the stats pass reads (g; p; m) is in its kernel's name (the plan's runs).
-        self._launch_chunks(plan.host.stats_runs, plan, chunk, code_table, scratch.partials)
+        self._launch_chunks(plan.host.stats_runs, tensors, plan, chunk, code_table, scratch.partials)
 
         if raising:
             # The one synchronising path: the stats pass's g.g partials say which
@@ -245,17 +287,18 @@ class CudaBackend:
             if uses_m and not batch.has_momentum:
                 self._give_momentum(batch, states)
                 with batch.lock:
-                    plan = self._plan(
+                    plan, _ = self._plan(
                         ctx, chunk, batch, params, grads, grad_addresses, states, uses_m, stats_m,
                         need_p, False,
                     )
+                tensors = plan.tensors
 
         self._launch(
             "lars_finalize",
             (plan.num_tensors,),
             (FINALIZE_THREADS,),
             (
-                plan.tensors,
+                tensors,
                 scratch.partials,
                 scratch.coefs,
                 np.float64(cfg.lr),
@@ -278,7 +321,7 @@ class CudaBackend:
         keep = np.float32(1.0 - cfg.dampening)
         # Launched last-first: the stats pass ended there, so that data may still be in L2.
         tail = (scratch.coefs, code_table, lam, mu, keep, np.int32(cfg.nesterov))
-        self._launch_chunks(plan.host.update_runs[::-1], plan, chunk, *tail)
+        self._launch_chunks(plan.host.update_runs[::-1], tensors, plan, chunk, *tail)
 
     # -- internals -------------------------------------------------------------------------------
     def _code_table(self, device: int, capturing: bool) -> Any:
@@ -312,12 +355,29 @@ class CudaBackend:
         return tables.check_chunk(self.chunk_size if self.chunk_size is not None else tables.CHUNK_SIZE)
 
     def _launch_chunks(
-        self, runs: Sequence[tuple[str, int, int]], plan: _Plan, chunk: int, *tail: Any
+        self, runs: Sequence[tuple[str, int, int]], tensors: Any, plan: _Plan, chunk: int, *tail: Any
     ) -> None:
-        """One launch per run of blocks; the stats and update kernels share their leading arguments."""
+        """One launch per run of blocks; the stats and update kernels share their leading
+        arguments. ``tensors``: the plan's rows, or its graph rows in a capture over new
+        gradient addresses."""
         for kernel, first, count in runs:
-            args = (plan.tensors, plan.blocks, np.int32(first), np.int32(chunk), *tail)
+            args = (tensors, plan.blocks, np.int32(first), np.int32(chunk), *tail)
             self._launch(kernel, (count,), (THREADS,), args)
+
+    def _record_grads(self, plan: _Plan, grad_addresses: list[int]) -> None:
+        """Launches (inside a capture: recorded) that write ``grad_addresses`` (row order) and
+        their quad-access flags into every row of ``plan.graph_rows``.
+
+        Every row, not only those that differ from the eager rows: the graph rows are shared
+        by every graph captured over this plan, so each replay must leave no field another
+        graph wrote. The other fields of a row are the plan's for its whole life (a new
+        parameter or state array makes a new plan), written once by the table's upload, so
+        the graph needs no device-to-device copy of the eager rows either.
+        """
+        host = plan.host
+        vector = host.vector_base & (np.array(grad_addresses, dtype=np.int64) % host.grad_width == 0)
+        for patch in grad_patches(grad_addresses, vector):
+            self._launch("lars_set_grads", (1,), (GRAD_PATCH_ROWS,), (plan.graph_rows, patch))
 
     def _launch(self, name: str, grid: tuple[int, ...], block: tuple[int, ...], args: tuple) -> None:
         for hook in _LAUNCH_HOOKS:
@@ -382,7 +442,11 @@ class CudaBackend:
         stats_m: bool,
         need_p: bool,
         capturing: bool,
-    ) -> _Plan:
+    ) -> tuple[_Plan, list[int] | None]:
+        """The batch's tables for this step, and, inside a capture over gradients at other
+        addresses than the tables hold, those addresses in row order (for _record_grads;
+        else None). Outside a capture, moved gradients are written into the rows and
+        uploaded (one small upload)."""
         address = self.runtime.address
         live = batch.live
         param_addresses = list(map(address, map(params.__getitem__, live)))
@@ -414,27 +478,23 @@ class CudaBackend:
             plan = batch.tables[key] = self._build_plan(
                 batch, param_addresses, rows, states, chunk, uses_m, stats_m, need_p
             )
-            return plan
+            return plan, None
         if grads is not None:
             rows = list(map(address, map(grads.__getitem__, plan.order)))
         else:
             assert grad_addresses is not None
             rows = list(map(grad_addresses.__getitem__, plan.order))
         if rows != plan.grad_addresses:
-            if capturing:
-                moved = [plan.order[k] for k, (a, b) in enumerate(zip(rows, plan.grad_addresses)) if a != b]
-                raise GraphCaptureError(
-                    f"cupylars: the gradients of params {moved[:8]} are not at the addresses of the "
-                    "last step outside the capture (fresh gradients, e.g. zero_grad(set_to_none=True) "
-                    "before a backward inside the capture); recording them would need a table upload, "
-                    "which a CUDA graph cannot hold. Keep the gradients allocated across the capture "
-                    "(zero_grad(set_to_none=False)) and step once outside it with them"
-                )
             if grads is not None:
                 # Unchanged addresses are the memory checked before; new ones are checked here.
                 self._check_grad_devices(grads, plan.order)
+            if capturing:
+                # No upload in a capture: the caller records the addresses by value into the
+                # graph rows. The eager rows (and plan.grad_addresses) stay as they are, so a
+                # later eager step with the old gradients needs no upload either.
+                return plan, rows
             self._set_grads(plan, rows)
-        return plan
+        return plan, None
 
     def _check_grad_devices(self, grads: Sequence[Any], indices: Sequence[int]) -> None:
         if self.runtime.has_devices:
@@ -500,14 +560,18 @@ class CudaBackend:
             stats_m,
             need_p,
         )
-        device_table, keepalive = self.runtime.upload(host.table)
+        # The graph copy of the rows rides in the same upload (rows, blocks, rows again): no
+        # second allocation or copy per plan, and a capture finds it already on the device.
         split = host.num_tensors * TENSOR_FIELDS
+        device_table, keepalive = self.runtime.upload(np.concatenate((host.table, host.table[:split])))
+        end = split + host.num_blocks
         return _Plan(
             param_addresses=param_addresses,
             host=host,
             grad_addresses=host.grad_addresses(),
             tensors=device_table[:split],
-            blocks=device_table[split:],
+            blocks=device_table[split:end],
+            graph_rows=device_table[end:],
             keepalive=keepalive,
         )
 

@@ -30,6 +30,8 @@ from .plan import FORMAT_NAMES, STATE_NAMES, STATS_NAMES
 
 __all__ = [
     "FINALIZE_THREADS",
+    "GRAD_PATCH",
+    "GRAD_PATCH_ROWS",
     "THREADS",
     "CupyRuntime",
     "EmulatedGraph",
@@ -48,13 +50,25 @@ THREADS = 256  # kThreads
 FINALIZE_THREADS = 128  # kFinalizeThreads
 KERNEL_SOURCE = "lars_kernels.cu"
 KERNEL_HEADER = "lars_common.cuh"
+# ... and the lars_set_grads parameters of rawkernels/lars_kernels.cu (kGradPatchRows, GradPatch):
+# a struct passed by value, as a NumPy structured scalar with the C layout (align=True).
+GRAD_PATCH_ROWS = 64
+GRAD_PATCH = np.dtype(
+    [
+        ("grad", np.int64, (GRAD_PATCH_ROWS,)),
+        ("vector", np.uint64),
+        ("first", np.int32),
+        ("count", np.int32),
+    ],
+    align=True,
+)
 
 
 def kernel_names() -> list[str]:
     """Every ``extern "C"`` kernel in rawkernels/lars_kernels.cu."""
     stats = [f"lars_stats_{fmt}_{reads}" for fmt in FORMAT_NAMES for reads in STATS_NAMES]
     update = [f"lars_update_{fmt}_{state}" for fmt in FORMAT_NAMES for state in STATE_NAMES]
-    return [*stats, *update, "lars_finalize"]
+    return [*stats, *update, "lars_finalize", "lars_set_grads"]
 
 
 def kernel_sources() -> tuple[Path, Path]:

@@ -499,3 +499,36 @@ extern "C" __global__ void __launch_bounds__(lars::kFinalizeThreads)
   lars::finalize_body(tensors, partials, reinterpret_cast<lars::TensorCoef*>(coefs), lr, lr_f64, lr_f32, momentum,
                       dampening, weight_decay, trust_coefficient, eps, max_unorm, percentile, switches, policy);
 }
+
+// ---- gradient addresses recorded into a CUDA graph --------------------------------------
+// A step captured over gradients at other addresses than the tensor rows hold (torch's
+// whole-network capture: zero_grad(set_to_none=True), then a backward inside the capture
+// that allocates .grad from the graph's pool) cannot upload new rows: a host-to-device copy
+// inside a capture would re-read its (by then reused) staging buffer at every replay. The
+// addresses travel instead by value, as kernel parameters, which a graph node copies at
+// capture: each launch rewrites the gradient and quad-access columns of up to
+// kGradPatchRows consecutive rows of the batch's graph copy of the tensor rows (never the
+// rows eager steps read). The host computes the quad-access bit as plan.Tables.set_grads
+// does (the row's base flag and the gradient's alignment), so rows need no extra field.
+namespace lars {
+enum GradPatchGeometry : int {
+  kGradPatchRows = 64,  // rows per launch: one thread each, one 64-bit mask of quad flags
+};
+struct GradPatch {           // 528 bytes of kernel parameters (the limit is 4 KB)
+  long long grad[kGradPatchRows];  // gradient address of rows first .. first + count - 1
+  unsigned long long vector;       // bit k: row first + k allows quad (16-byte) accesses
+  int first;                       // first row written
+  int count;                       // rows written, 1 .. kGradPatchRows
+};
+// cuda_runtime.GRAD_PATCH mirrors this layout byte for byte (tests/test_kernels_compile.py).
+static_assert(sizeof(GradPatch) == 8 * kGradPatchRows + 16, "GradPatch has no padding");
+}  // namespace lars
+
+extern "C" __global__ void __launch_bounds__(lars::kGradPatchRows)
+    lars_set_grads(long long* tensors, lars::GradPatch patch) {
+  const int k = threadIdx.x;
+  if (k >= patch.count) return;
+  long long* row = tensors + static_cast<long long>(patch.first + k) * lars::kTensorFields;
+  row[lars::kFieldGrad] = patch.grad[k];
+  row[lars::kFieldVector] = static_cast<long long>((patch.vector >> k) & 1ULL);
+}

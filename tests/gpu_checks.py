@@ -284,27 +284,75 @@ def check_torch_graph_capture(cp, bits: int, foreach: bool) -> None:
             assert torch.equal(v, b_opt.state[q][k]), k
 
 
-def check_torch_capture_refuses_fresh_grads(cp) -> None:
-    """zero_grad(set_to_none=True) then new gradients inside a capture: a clear error."""
+def check_torch_capture_fresh_grads(cp, bits: int) -> None:
+    """torch's whole-network capture: zero_grad(set_to_none=True) before the capture, then
+    forward, backward (which allocates .grad from the graph's pool) and step inside
+    torch.cuda.graph; replays on new inputs equal eager steps bit for bit, and so does an
+    eager step after them with gradients outside the graph."""
     torch = _torch_cuda()
-    from cupylars.cuda_runtime import GraphCaptureError
     from cupylars.optim import LARS
 
-    params = [torch.nn.Parameter(torch.randn(1000, device="cuda"))]
-    opt = LARS(params, lr=torch.tensor(0.1, device="cuda"), momentum=0.9, capturable=True)
-    for _ in range(2):
-        params[0].grad = torch.randn(1000, device="cuda")
-        opt.step()
-    torch.cuda.synchronize()
+    steps, warmup = 6, 3
+    shapes = [(70000,), (33, 65), (5,)]
+    gen = torch.Generator().manual_seed(3)
+    # Elementwise forward passes (gradients x + 2 p y), so that the captured and the eager
+    # backward compute the same bits whatever kernels a matmul would pick under capture.
+    xs = [[torch.randn(s, generator=gen).cuda() for s in shapes] for _ in range(steps + 1)]
+    ys = [[torch.rand(s, generator=gen).cuda() for s in shapes] for _ in range(steps + 1)]
+    lrs = [0.1, 0.1, 0.1, 0.05, 0.2, 0.03, 0.07]
+
+    def make(capturable: bool):
+        g0 = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g0).cuda()) for s in shapes]
+        lr = torch.tensor(lrs[0], device="cuda")
+        groups = [{"params": params[:2]}, {"params": params[2:], "momentum": 0.5, "percentile_clipping": 90}]
+        opt = LARS(groups, lr=lr, momentum=0.9, optim_bits=bits, min_8bit_size=1000, max_unorm=0.05,
+                   trust_coefficient=0.02, capturable=capturable)
+        return params, lr, opt
+
+    def loss_of(params, x, y):
+        return sum(((p * xi) + (p * p * yi)).sum() for p, xi, yi in zip(params, x, y))
+
+    a_params, a_lr, a_opt = make(True)
+    static_x = [x.clone() for x in xs[0]]
+    static_y = [y.clone() for y in ys[0]]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(warmup):
+            a_opt.zero_grad(set_to_none=True)
+            a_lr.fill_(lrs[i])
+            loss_of(a_params, xs[i], ys[i]).backward()
+            a_opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    a_opt.zero_grad(set_to_none=True)
     graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            params[0].grad = torch.randn(1000, device="cuda")  # allocated in the capture
-            opt.step()
-    except GraphCaptureError as e:
-        assert "not at the addresses" in str(e), str(e)
-    else:
-        raise AssertionError("a step over fresh gradients was captured")
+    with torch.cuda.graph(graph):
+        loss_of(a_params, static_x, static_y).backward()
+        a_opt.step()
+    for i in range(warmup, steps):
+        for s_, v in zip(static_x + static_y, xs[i] + ys[i]):
+            s_.copy_(v)
+        a_lr.fill_(lrs[i])
+        graph.replay()
+    # An eager step after the replays, with gradients a backward outside the graph allocates.
+    a_opt.zero_grad(set_to_none=True)
+    a_lr.fill_(lrs[steps])
+    loss_of(a_params, xs[steps], ys[steps]).backward()
+    a_opt.step()
+
+    b_params, b_lr, b_opt = make(False)
+    for i in range(steps + 1):
+        b_opt.zero_grad(set_to_none=True)
+        b_lr.fill_(lrs[i])
+        loss_of(b_params, xs[i], ys[i]).backward()
+        b_opt.step()
+    torch.cuda.synchronize()
+    for a, b in zip(a_params, b_params):
+        assert torch.equal(a.detach().view(torch.int32), b.detach().view(torch.int32))
+    for p, q in zip(a_params, b_params):
+        for k, v in a_opt.state[p].items():
+            assert torch.equal(v, b_opt.state[q][k]), k
 
 
 def check_launch_count(cp) -> None:
@@ -354,7 +402,10 @@ CHECKS: list[tuple[str, Callable[..., None], dict[str, Any]]] = [
         for bits in (32, 8)
         for fe in (True, False)
     ],
-    ("torch_capture_refuses_fresh_grads", check_torch_capture_refuses_fresh_grads, {}),
+    *[
+        (f"torch_capture_fresh_grads[{bits}]", check_torch_capture_fresh_grads, {"bits": bits})
+        for bits in (32, 8)
+    ],
     ("launch_count", check_launch_count, {}),
     ("other_device_rejected", check_other_device_rejected, {}),
     ("backend_reason", check_backend_reason, {}),

@@ -6,6 +6,12 @@ synchronisation and free inside the capture. Each scenario captures a step, repl
 with new gradient values written into the same gradient tensors and new learning rates
 written into the lr tensor, and compares with the same steps run eagerly, bit for bit
 (the same kernels run both ways). The forbidden operations are planted one by one.
+
+Fresh gradients (torch's whole-network capture: ``zero_grad(set_to_none=True)``, then a
+backward inside the capture) are captured too: their addresses are recorded by value
+(``lars_set_grads``) into the graph's copy of the tensor rows; the scenarios check the
+replays and the eager steps after them, and plant a short patch, launches that read the
+eager rows, a patch written over the eager rows and wrong quad-access flags.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch
 
 from cupylars import backends, cuda
 from cupylars import functional as F
-from cupylars.cuda_runtime import EmulatedRuntime
+from cupylars.cuda_runtime import GRAD_PATCH_ROWS, EmulatedRuntime
 from cupylars.optim import LARS, LARS8bit, LARS32bit
 from cupylars.optim import lars as lars_module
 from cupylars.testing import GraphCaptureError, emulated_capture, emulated_stream
@@ -232,6 +238,202 @@ def test_graph_memory_lives_as_long_as_the_optimizer(emulated):
         graph.replay()
 
 
+# ---- fresh gradients: zero_grad(set_to_none=True), then a backward inside the capture -------
+def _batches(opt) -> list:
+    return [b for plan in opt._plans for bucket in plan.buckets for b in (bucket.batches or [])]
+
+
+def _plans(opt) -> list:
+    return [plan for batch in _batches(opt) for plan in batch.tables.values()]
+
+
+def _fresh_grads_scenario(cls, foreach: bool, allocate: str) -> None:
+    """Warm up with two eager steps, capture one over gradients at new addresses (allocated
+    before the capture, or inside it as a backward would), replay with new values written
+    into the captured gradients, then step eagerly with the warm-up gradients again: every
+    result equals an eager twin's, bit for bit."""
+    steps, warmup = len(LR_SCHEDULE), 2
+    grads = _grads(13, steps + 1)
+    kwargs = dict(HP, min_8bit_size=256, foreach=foreach)
+    a_params = _params(14)
+    a_lrs = [torch.tensor(LR_SCHEDULE[0]), torch.tensor(LR_SCHEDULE[0] / 2, dtype=torch.float64)]
+    a_opt = cls(_two_groups(a_params, a_lrs, True), lr=0.0, capturable=True, **kwargs)
+    b_params = _params(14)
+    b_lrs = [torch.tensor(LR_SCHEDULE[0]), torch.tensor(LR_SCHEDULE[0] / 2, dtype=torch.float64)]
+    b_opt = cls(_two_groups(b_params, b_lrs, False), lr=0.0, **kwargs)
+
+    def set_lr(lrs, i):
+        lrs[0].fill_(LR_SCHEDULE[i])
+        lrs[1].fill_(LR_SCHEDULE[i] / 2)
+
+    warm = [torch.empty_like(p) for p in a_params]  # the warm-up's gradients, kept
+    for p, g in zip(a_params, warm):
+        p.grad = g
+    with emulated_stream(1):
+        for i in range(warmup):
+            for g, gi in zip(warm, grads[i]):
+                g.copy_(gi)
+            set_lr(a_lrs, i)
+            a_opt.step()
+
+    for p in a_params:
+        p.grad = None  # zero_grad(set_to_none=True)
+    if allocate == "before":
+        for p in a_params:
+            p.grad = torch.empty_like(p)
+    with emulated_capture() as graph:
+        if allocate == "inside":  # the user's allocations are not ours to forbid
+            for p in a_params:
+                p.grad = torch.empty_like(p)
+        a_opt.step()
+    captured = [p.grad for p in a_params]
+    assert all(c.data_ptr() != w.data_ptr() for c, w in zip(captured, warm))
+    assert sum(name == "lars_set_grads" for name, *_ in graph.launches) >= 2  # one per batch
+    for p in a_params:
+        p.grad = None  # the graph's gradients outlive this: the optimizer keeps them
+    for i in range(warmup, steps):
+        for c, gi in zip(captured, grads[i]):
+            c.copy_(gi)
+        set_lr(a_lrs, i)
+        graph.replay()
+    # An eager step with the warm-up's gradients again: the eager rows still hold them.
+    for p, g, gi in zip(a_params, warm, grads[steps]):
+        g.copy_(gi)
+        p.grad = g
+    a_opt.step()
+
+    for i in range(steps + 1):
+        for q, gi in zip(b_params, grads[i]):
+            q.grad = gi.clone()
+        set_lr(b_lrs, min(i, steps - 1))
+        b_opt.step()
+    _assert_same(a_params, b_params, a_opt, b_opt)
+    assert int(a_opt.state[a_params[0]]["step"]) == steps + 1
+
+
+@pytest.mark.parametrize("cls", [LARS8bit, LARS32bit])
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("allocate", ["before", "inside"])
+def test_fresh_gradients_replay_equal_eager_steps(emulated, cls, foreach, allocate):
+    _fresh_grads_scenario(cls, foreach, allocate)
+
+
+def test_the_optimizer_keeps_the_captured_gradients(emulated):
+    params = _params(9)
+    opt = LARS(params, lr=torch.tensor(0.1), capturable=True, **HP)
+    _warm(opt, params)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    with emulated_capture():
+        opt.step()
+    held = {id(t) for t in opt._graph_keepalive}
+    assert all(id(p.grad) in held for p in params)
+
+
+def _short_patches(grad_addresses, vector):
+    """Planted: the last row of every batch keeps the address it had."""
+    patches = _real_grad_patches(grad_addresses, vector)
+    patches[-1]["count"] -= 1
+    return patches
+
+
+_real_grad_patches = cuda.grad_patches
+
+
+def test_planted_short_patch_fails(emulated, monkeypatch):
+    monkeypatch.setattr(cuda, "grad_patches", _short_patches)
+    with pytest.raises(AssertionError):
+        _fresh_grads_scenario(LARS32bit, True, "before")
+
+
+def test_planted_launches_reading_the_eager_rows_fail(emulated, monkeypatch):
+    """The captured stats and update launches read the eager rows (the warm-up's gradient
+    addresses) instead of the graph rows the patch wrote."""
+    real = cuda.CudaBackend._launch_chunks
+
+    def planted(self, runs, tensors, plan, chunk, *tail):
+        real(self, runs, plan.tensors, plan, chunk, *tail)
+
+    monkeypatch.setattr(cuda.CudaBackend, "_launch_chunks", planted)
+    with pytest.raises(AssertionError):
+        _fresh_grads_scenario(LARS8bit, True, "inside")
+
+
+def test_planted_patch_over_the_eager_rows_fails(emulated, monkeypatch):
+    """The graph rows are the eager rows: the replays are right, but the eager step after
+    them reads the captured gradients' addresses instead of the warm-up's."""
+    real = cuda.CudaBackend._build_plan
+
+    def planted(self, *args, **kwargs):
+        plan = real(self, *args, **kwargs)
+        plan.graph_rows = plan.tensors
+        return plan
+
+    monkeypatch.setattr(cuda.CudaBackend, "_build_plan", planted)
+    with pytest.raises(AssertionError):
+        _fresh_grads_scenario(LARS32bit, False, "before")
+
+
+def _many(seed: int, n: int, offset: int):
+    """n small float32 params (more than one patch launch) and gradients; ``offset`` > 0
+    puts every other gradient that many elements into a buffer (not 16-byte aligned)."""
+    rng = np.random.default_rng(seed)
+    params = [rng.standard_normal(5 + k % 7).astype(np.float32) for k in range(n)]
+
+    def grad(k, p):
+        if offset and k % 2:
+            buf = np.empty(p.size + offset, np.float32)
+            g = buf[offset:]
+        else:
+            g = np.empty_like(p)
+        g[...] = rng.standard_normal(p.size)
+        return g
+
+    return params, [grad(k, p) for k, p in enumerate(params)]
+
+
+@pytest.mark.parametrize("aligned_first", [True, False])
+def test_backend_captures_fresh_gradients_over_several_patches(emulated, aligned_first):
+    """More rows than one lars_set_grads launch holds, and gradients whose quad access
+    changes between the eager step and the capture (the flag is the host's, per address)."""
+    n = GRAD_PATCH_ROWS + 9
+    params, warm = _many(15, n, 0 if aligned_first else 1)
+    _, fresh = _many(16, n, 1 if aligned_first else 0)
+    states = [F.init_state(p, optim_bits=8, min_8bit_size=0) for p in params]
+    twin = [p.copy() for p in params]
+    twin_states = [F.init_state(p, optim_bits=8, min_8bit_size=0) for p in twin]
+    cfg = F.LarsConfig(lr=0.1, **HP)
+    batch = F.prepare(params, states)
+    batch.update(params, warm, states, cfg)
+    batch.update(params, warm, states, cfg)
+    with emulated_capture() as graph:
+        batch.update(params, fresh, states, cfg)
+    assert [name for name, *_ in graph.launches].count("lars_set_grads") == 2
+    rng = np.random.default_rng(17)
+    values = [[rng.standard_normal(p.size).astype(np.float32) for p in params] for _ in range(3)]
+    for v in values:
+        for g, x in zip(fresh, v):
+            g[...] = x
+        graph.replay()
+    batch.update(params, warm, states, cfg)  # the eager rows: the warm-up's gradients
+    for g in (warm, warm, *values, warm):
+        F.lars_update_many(twin, [x.copy() for x in g], twin_states, config=cfg)
+    for a, b in zip(params, twin):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_planted_wrong_quad_flags_fault(emulated, monkeypatch):
+    """Every captured gradient flagged for quad access: the misaligned ones fault (on the
+    GPU a misaligned-address error; the emulator checks every quad access)."""
+
+    def planted(grad_addresses, vector):
+        return _real_grad_patches(grad_addresses, np.ones_like(vector))
+
+    monkeypatch.setattr(cuda, "grad_patches", planted)
+    with pytest.raises(Exception, match="not aligned"):
+        test_backend_captures_fresh_gradients_over_several_patches(emulated, True)
+
+
 # ---- what cannot be captured raises, and nothing is recorded or modified ----------------------
 def _warm(opt, params, seed=8):
     for p, g in zip(params, _grads(seed, 1)[0]):
@@ -283,15 +485,6 @@ def test_nonfinite_raise_cannot_be_captured(emulated):
     opt = LARS(params, lr=0.1, capturable=True, nonfinite="raise", **HP)
     _warm(opt, params)
     _raises_in_capture(opt, params, "nonfinite='raise'")
-
-
-def test_fresh_gradients_cannot_be_captured(emulated):
-    params = _params(9)
-    opt = LARS(params, lr=0.1, capturable=True, **HP)
-    _warm(opt, params)
-    for p in params:
-        p.grad = p.grad.clone()  # zero_grad(set_to_none=True) + backward inside the capture
-    _raises_in_capture(opt, params, "not at the addresses")
 
 
 def test_a_moved_parameter_cannot_be_captured(emulated):
@@ -396,7 +589,7 @@ def test_per_stream_tables_would_not_capture(emulated, monkeypatch):
         batch.update(params, grads, states, cfg)
 
 
-@pytest.mark.parametrize("plant", ["no step", "scratch", "momentum", "grads"])
+@pytest.mark.parametrize("plant", ["no step", "scratch", "momentum", "scratch and fresh grads"])
 def test_backend_refuses_in_capture(emulated, plant):
     params, grads, states = _arrays(12)
     # Without momentum for "no step": the first step's momentum allocation is refused first.
@@ -404,14 +597,14 @@ def test_backend_refuses_in_capture(emulated, plant):
     batch = F.prepare(params, states)
     if plant != "no step":
         batch.update(params, grads, states, cfg)
-    if plant == "scratch":
+    if plant.startswith("scratch"):
         batch.scratch.clear()
     if plant == "momentum":
         batch.has_momentum = False
-    if plant == "grads":
-        grads = [g.copy() for g in grads]
+    if plant.endswith("fresh grads"):
+        grads = [g.copy() for g in grads]  # no lars_set_grads is recorded before the refusal
     before = [p.copy() for p in params]
-    match = {"no step": "tables", "scratch": "scratch", "momentum": "momentum", "grads": "addresses"}[plant]
+    match = "tables" if plant == "no step" else plant.split()[0]
     with emulated_capture() as graph, pytest.raises(GraphCaptureError, match=match):
         batch.update(params, grads, states, cfg)
     assert len(graph) == 0 and all(a.tobytes() == b.tobytes() for a, b in zip(params, before))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cupylars import cuda, plan
+from cupylars import cuda, cuda_runtime, plan
 
 ARCHS = ("sm_80", "sm_90")
 _ENTRY = re.compile(
@@ -188,6 +188,16 @@ def test_launcher_constants_match_the_header():
     assert plan.TILE == h["kTile"] == h["kQBlock"]
     assert plan.SUMS == h["kSums"]
     assert plan.TENSOR_FIELDS == h["kTensorFields"]
+    # lars_set_grads' parameter struct, defined with its kernel in the source file
+    source, _ = cuda.kernel_sources()
+    rows = re.search(r"\bkGradPatchRows\s*=\s*(\d+)", source.read_text())
+    assert rows is not None and cuda_runtime.GRAD_PATCH_ROWS == int(rows.group(1))
+    # long long grad[rows]; unsigned long long vector; int first; int count (no padding)
+    assert cuda_runtime.GRAD_PATCH.itemsize == 8 * cuda_runtime.GRAD_PATCH_ROWS + 16
+    assert [cuda_runtime.GRAD_PATCH.fields[k][1] for k in ("grad", "vector", "first", "count")] == [
+        0, 8 * cuda_runtime.GRAD_PATCH_ROWS, 8 * cuda_runtime.GRAD_PATCH_ROWS + 8,
+        8 * cuda_runtime.GRAD_PATCH_ROWS + 12,
+    ]
     fields = {
         "FIELD_PARAM": "kFieldParam",
         "FIELD_GRAD": "kFieldGrad",
@@ -231,7 +241,8 @@ def test_every_entry_point_is_in_the_source():
     assert update == list(plan.STATE_NAMES)
     names = {f"lars_stats_{f}_{s}" for f in formats for s, _, _ in stats}
     names |= {f"lars_update_{f}_{s}" for f in formats for s in update}
-    assert names | {"lars_finalize"} == set(cuda.kernel_names())
+    assert len(re.findall(r"__global__ void __launch_bounds__\([^)]*\)\s*lars_set_grads\(", text)) == 1
+    assert names | {"lars_finalize", "lars_set_grads"} == set(cuda.kernel_names())
     # what each stats variant reads, as plan.build_tables picks it: p unless "gradonly",
     # m exactly in the state variants
     reads = {name: (mode, need_p == "true") for name, mode, need_p in stats}

@@ -681,16 +681,23 @@ class LARS(Optimizer):
                     views = [backend.view(g) for g in part_grads]
                     batch.step(part_arrays, views, part_states, cfg)
             if capturing:
-                self._keep_for_graphs(*batches, lr_tensor, lr_array, *(s for _, s in bucket.staging))
+                # The gradients too: a backward inside the capture allocated them (after
+                # zero_grad(set_to_none=True)) and the graph's lars_set_grads launches write
+                # their addresses at every replay, so they must outlive any p.grad = None.
+                self._keep_for_graphs(
+                    *batches, lr_tensor, lr_array, *(s for _, s in bucket.staging), *grads
+                )
             for param, staging in bucket.staging:
                 param.detach().copy_(staging)
         self.backends[str(backend.device)] = f"{chosen.name}: {chosen.reason}; {backend.reason}"
 
     def _keep_for_graphs(self, *objects: Any) -> None:
         held = self._graph_keepalive
+        known = set(map(id, held))  # identity, not equality (tensors compare elementwise)
         for obj in objects:
-            if obj is not None and not any(obj is h for h in held):
+            if obj is not None and id(obj) not in known:
                 held.append(obj)
+                known.add(id(obj))
 
     def _lr_view(self, backend: bridge.DeviceBackend, lr: torch.Tensor) -> Any:
         """An array view of a capturable group's lr tensor (cached while its storage stays)."""
