@@ -16,10 +16,18 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
-from kernel_checks import CONFIGS, FULL, _assert_param_close, _assert_state_close, dtype_arg, random_grad
+from kernel_checks import (
+    CONFIGS,
+    FULL,
+    _assert_param_close,
+    _assert_state_close,
+    dtype_arg,
+    random_grad,
+    reference_step,
+)
 from kernel_checks import random_problem as _random_problem
 
-from cupylars import cuda, plan, reference
+from cupylars import cuda, plan
 from cupylars import functional as F
 from cupylars.state import LarsState
 from cupylars.testing import emulated_cuda
@@ -68,31 +76,12 @@ def _fmt_of(p: np.ndarray, dtype: str | None) -> str:
     return "bfloat16" if dtype == "bfloat16" else str(p.dtype)
 
 
-def reference_step(params, grads, states, hp, dtype):
-    """The reference's step on host copies; returns its params, states and, per 8-bit
-    state, its float32 m before quantization (what a code is judged against)."""
-    ref_params = [p.copy() for p in params]
-    ref_states = [_on(s, np.copy) for s in states]
-    raw_m: dict[int, np.ndarray] = {}
-    store = reference._store_momentum
-
-    def spy(state, m):
-        raw_m[id(state)] = np.asarray(m, dtype=np.float64).ravel()
-        store(state, m)
-
-    reference._store_momentum = spy
-    try:
-        F.lars_update_many(ref_params, grads, ref_states, dtype=dtype, backend="reference", **hp)
-    finally:
-        reference._store_momentum = store
-    return ref_params, ref_states, [raw_m.get(id(s)) for s in ref_states]
-
-
 def gpu_step_and_compare(cp, d_params, grads, d_states, hp, dtype, what=""):
     """One GPU step (host grads copied over) against the reference from the same state."""
     h_params = [cp.asnumpy(p) for p in d_params]
     prev = [_on(s, cp.asnumpy) for s in d_states]
-    ref_params, ref_states, raw_m = reference_step(h_params, grads, prev, hp, dtype)
+    ref_params, ref_states, raw_by_state = reference_step(h_params, grads, prev, hp, dtype)
+    raw_m = [raw_by_state.get(id(s)) for s in ref_states]
     F.lars_update_many(d_params, [cp.asarray(g) for g in grads], d_states, dtype=dtype, **hp)
     for i, p in enumerate(d_params):
         fmt = _fmt_of(h_params[i], dtype)

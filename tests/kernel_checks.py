@@ -11,6 +11,7 @@ import numpy as np
 import spec64
 
 from cupylars import functional as F
+from cupylars import reference
 from cupylars.state import LarsState
 
 
@@ -166,3 +167,26 @@ def _assert_state_close(
         terms = np.abs(m_want) + 2 * carried  # bounds |mu m_old| + |(1 - dampening) d|
         scale = np.max(terms[~np.isnan(terms)], initial=0.0) + 1e-30
         np.testing.assert_allclose(m_got[~nan], m_want[~nan], rtol=0, atol=1e-6 * scale, err_msg=what)
+
+
+def reference_step(params, grads, states, hp, dtype):
+    """The reference's step on copies of ``params`` and ``states`` (raising as it raises).
+
+    Returns its params, states and, by ``id`` of each returned 8-bit state, its float32
+    m before quantization: what a code is judged against (assert_codes_match).
+    """
+    ref_params = [p.copy() for p in params]
+    ref_states = [LarsState.from_dict({k: np.copy(v) for k, v in s.to_dict().items()}) for s in states]
+    raw_m: dict[int, np.ndarray] = {}
+    store = reference._store_momentum
+
+    def spy(state, m):
+        raw_m[id(state)] = np.asarray(m, dtype=np.float64).ravel()
+        store(state, m)
+
+    reference._store_momentum = spy
+    try:
+        F.lars_update_many(ref_params, grads, ref_states, dtype=dtype, backend="reference", **hp)
+    finally:
+        reference._store_momentum = store
+    return ref_params, ref_states, raw_m
