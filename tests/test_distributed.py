@@ -11,11 +11,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import sys
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,9 +20,10 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
+from distributed_common import WORLD, make_model, snapshot, spawn, torch_threads, train  # noqa: E402
+
 from cupylars.optim import LARS8bit, LARS32bit  # noqa: E402
 
-WORLD = 2
 STEPS = 3
 # torch's CPU kernels split reductions (a matmul's gradient) by thread, so a gradient's last
 # bits depend on the thread count: the workers and the single-process reference use the same.
@@ -38,28 +34,6 @@ HYPER8 = dict(lr=0.2, momentum=0.9, weight_decay=1e-3, min_8bit_size=1000)
 HYPER32 = dict(
     lr=0.2, momentum=0.9, nesterov=True, weight_decay=1e-3, percentile_clipping=40, trust_coefficient=0.02
 )
-
-
-def make_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    # Linear(80, 7): shards of 4 and 3 rows, so FSDP2 pads and shards are uneven.
-    return torch.nn.Sequential(torch.nn.Linear(64, 80), torch.nn.Tanh(), torch.nn.Linear(80, 7))
-
-
-def train(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
-    for k in range(STEPS):
-        x = torch.randn(16, 64, generator=torch.Generator().manual_seed(k))
-        opt.zero_grad()
-        model(x).pow(2).mean().backward()
-        opt.step()
-
-
-def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, p in model.named_parameters():
-        p = p.full_tensor() if hasattr(p, "full_tensor") else p
-        out[name.removeprefix("module.")] = p.detach().clone()
-    return out
 
 
 def _worker(rank: int, port: int, outdir: str) -> None:
@@ -77,12 +51,12 @@ def _worker(rank: int, port: int, outdir: str) -> None:
 
         results = {}
         ddp = DistributedDataParallel(make_model())
-        train(ddp, LARS8bit(ddp.parameters(), **HYPER8))
+        train(ddp, LARS8bit(ddp.parameters(), **HYPER8), STEPS)
         results["ddp"] = snapshot(ddp)
 
         ddp = DistributedDataParallel(make_model())
         zero = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=LARS8bit, **HYPER8)
-        train(ddp, zero)
+        train(ddp, zero, STEPS)
         results["zero"] = snapshot(ddp)
         results["zero_owned"] = sorted(
             name
@@ -98,7 +72,7 @@ def _worker(rank: int, port: int, outdir: str) -> None:
             model = make_model()
             fully_shard(model, mesh=mesh)
             opt = cls(model.parameters(), **hyper)
-            train(model, opt)
+            train(model, opt, STEPS)
             results[name] = snapshot(model)
             results[name + "_kinds"] = {
                 k: type(v).__name__ for k, v in opt.state[next(model.parameters())].items()
@@ -108,45 +82,18 @@ def _worker(rank: int, port: int, outdir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    import torch.multiprocessing as mp
-
     outdir = tmp_path_factory.mktemp("distributed")
-    # Spawned children import this module by name.
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    try:
-        mp.spawn(_worker, args=(_free_port(), str(outdir)), nprocs=WORLD, join=True)
-    except Exception as exc:  # the free port can be taken between choosing and binding it
-        warnings.warn(f"distributed run failed once, retrying on another port: {exc}", stacklevel=1)
-        mp.spawn(_worker, args=(_free_port(), str(outdir)), nprocs=WORLD, join=True)
+    spawn(_worker, outdir)
     return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    # Restored afterwards: other tests compare against subprocesses that use torch's default.
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def single_process(cls, hyper):
     with torch_threads(THREADS):
         model = make_model()
         opt = cls(model.parameters(), **hyper)
-        train(model, opt)
+        train(model, opt, STEPS)
     return snapshot(model), opt, model
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import sys
 import warnings
 from pathlib import Path
 
@@ -25,9 +23,10 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
+from distributed_common import WORLD, make_model, snapshot, spawn, torch_threads, train  # noqa: E402
+
 from cupylars.optim import LARS8bit, LARS32bit  # noqa: E402
 
-WORLD = 2
 N = 3
 HYPER32 = dict(
     lr=0.2, momentum=0.9, nesterov=True, weight_decay=1e-3, percentile_clipping=40, trust_coefficient=0.02
@@ -41,27 +40,6 @@ SCENARIOS = {
     "dcp8": (LARS8bit, HYPER8),
     "dcp8_uneven": (LARS8bit, HYPER8_UNEVEN),
 }
-
-
-def make_model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(64, 80), torch.nn.Tanh(), torch.nn.Linear(80, 7))
-
-
-def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, start: int) -> None:
-    for k in range(start, start + steps):
-        x = torch.randn(16, 64, generator=torch.Generator().manual_seed(k))
-        opt.zero_grad()
-        model(x).pow(2).mean().backward()
-        opt.step()
-
-
-def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, p in model.named_parameters():
-        p = p.full_tensor() if hasattr(p, "full_tensor") else p
-        out[name] = p.detach().clone()
-    return out
 
 
 def _setup(rank: int, port: int) -> None:
@@ -163,30 +141,11 @@ def _load_worker(rank: int, port: int, outdir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(worker, outdir: Path) -> None:
-    import torch.multiprocessing as mp
-
-    try:
-        mp.spawn(worker, args=(_free_port(), str(outdir)), nprocs=WORLD, join=True)
-    except Exception as exc:  # the free port can be taken between choosing and binding it
-        warnings.warn(f"distributed run failed once, retrying on another port: {exc}", stacklevel=1)
-        mp.spawn(worker, args=(_free_port(), str(outdir)), nprocs=WORLD, join=True)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("dcp")
-    here = str(Path(__file__).resolve().parent)  # spawned children import this module by name
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    _spawn(_save_worker, outdir)
-    _spawn(_load_worker, outdir)  # fresh processes
+    spawn(_save_worker, outdir)
+    spawn(_load_worker, outdir)  # fresh processes
     saved = torch.load(outdir / "saved.pt", weights_only=False)
     loaded = [torch.load(outdir / f"loaded{r}.pt", weights_only=False) for r in range(WORLD)]
     return saved, loaded
@@ -195,10 +154,8 @@ def runs(tmp_path_factory):
 @pytest.fixture
 def one_thread():
     # The sharded runs used one thread; the single-process run must do the same arithmetic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def assert_close(actual, expected):
