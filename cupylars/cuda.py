@@ -36,7 +36,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import attrgetter
@@ -67,6 +67,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FINALIZE_THREADS",
+    "STATS_F32_PARTIALS",
+    "STATS_F32_PARTIALS_ARCHS",
     "THREADS",
     "CudaBackend",
     "GraphCaptureError",
@@ -78,6 +80,12 @@ __all__ = [
     "kernel_sources",
     "record_launches",
 ]
+
+# The float32-partials stats pass (docs/kernels.md): the GPU build takes it on these compute
+# capabilities (rawkernels/lars_common.cuh, where float64 runs at 1/64 of the float32 rate);
+# an emulated build takes it with these macros. tests/test_kernels_compile.py checks the list.
+STATS_F32_PARTIALS_ARCHS = (86, 87, 89)
+STATS_F32_PARTIALS = {"LARS_STATS_F32_PARTIALS": "1"}
 
 # ---- launch observation (tests count launches through this) ---------------------------------
 _LAUNCH_HOOKS: list[Callable[[str, tuple[int, ...], tuple[int, ...]], None]] = []
@@ -602,11 +610,11 @@ class CudaBackend:
 
 
 # ---- backends -------------------------------------------------------------------------------------
-_BACKENDS: dict[tuple[str, int | None], CudaBackend] = {}
+_BACKENDS: dict[tuple[Any, ...], CudaBackend] = {}
 _BACKENDS_LOCK = threading.Lock()
 
 
-def _shared_backend(key: tuple[str, int | None], make: Callable[[], CudaBackend]) -> CudaBackend:
+def _shared_backend(key: tuple[Any, ...], make: Callable[[], CudaBackend]) -> CudaBackend:
     """One backend per key and process: its caches (modules, tables) are shared."""
     with _BACKENDS_LOCK:
         backend = _BACKENDS.get(key)
@@ -627,18 +635,22 @@ def cupy_backend() -> CudaBackend:
     )
 
 
-def emulated_backend(chunk_size: int | None = None) -> CudaBackend:
+def emulated_backend(chunk_size: int | None = None, defines: Mapping[str, str] | None = None) -> CudaBackend:
     """The CUDA kernels compiled for and run on the CPU, over NumPy arrays.
 
     ``chunk_size`` (elements per block; default :data:`CHUNK_SIZE` at call time)
-    lets tests reach multi-chunk tensors with small arrays.
+    lets tests reach multi-chunk tensors with small arrays. ``defines``: -D macros
+    of the emulated build, e.g. :data:`STATS_F32_PARTIALS` (the stats pass the GPU
+    build uses on sm_86, sm_87 and sm_89); each set of macros is its own backend.
     """
+    key_defines = tuple(sorted((k, str(v)) for k, v in (defines or {}).items()))
     return _shared_backend(
-        ("emulated", chunk_size),
+        ("emulated", chunk_size) if not key_defines else ("emulated", chunk_size, key_defines),
         lambda: CudaBackend(
-            EmulatedRuntime(),
+            EmulatedRuntime(dict(key_defines)),
             reason="inside cupylars.testing.emulated_cuda(): the CUDA kernels of rawkernels/ "
-            "compiled with g++ through the CPU shim and run on NumPy arrays",
+            "compiled with g++ through the CPU shim and run on NumPy arrays"
+            + (f" (built with {', '.join(f'-D{k}={v}' for k, v in key_defines)})" if key_defines else ""),
             chunk_size=chunk_size,
         ),
     )

@@ -18,7 +18,7 @@ import hashlib
 import os
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -251,7 +251,8 @@ class CupyRuntime:
         return fn
 
 
-_EMULATED_MODULE: Any = None
+# One emulated module per set of -D macros (cuda.emulated_backend(defines=...)), built once.
+_EMULATED_MODULES: dict[tuple[tuple[str, str], ...], Any] = {}
 _EMULATED_LOCK = threading.Lock()
 
 
@@ -374,9 +375,16 @@ class _Recorder:
 
 
 class EmulatedRuntime:
+    """``defines``: -D macros of the emulated build (e.g. ``{"LARS_STATS_F32_PARTIALS": "1"}``,
+    the float32-partials stats pass that the GPU build picks on sm_86/sm_87/sm_89)."""
+
     name = "emulated-cuda"
     xp = np
     has_devices = False
+
+    def __init__(self, defines: Mapping[str, str] | None = None) -> None:
+        pairs = (defines or {}).items()
+        self.defines: tuple[tuple[str, str], ...] = tuple(sorted((k, str(v)) for k, v in pairs))
 
     def context(self) -> tuple[int]:
         # One device; per device, not per stream, as on the GPU (see CupyRuntime.context).
@@ -426,16 +434,17 @@ class EmulatedRuntime:
         return np.empty(n, dtype=dtype)
 
     def function(self, name: str) -> Any:
-        global _EMULATED_MODULE
         with _EMULATED_LOCK:
-            if _EMULATED_MODULE is None:
+            module = _EMULATED_MODULES.get(self.defines)
+            if module is None:
                 from ._emulator import EmulatedModule
 
                 source_path, _ = kernel_sources()
-                _EMULATED_MODULE = EmulatedModule(
-                    [str(source_path)], kernel_names(), include_dirs=(str(kernel_dir()),)
+                module = _EMULATED_MODULES[self.defines] = EmulatedModule(
+                    [str(source_path)], kernel_names(), include_dirs=(str(kernel_dir()),),
+                    defines=dict(self.defines),
                 )
-        kernel = _EMULATED_MODULE.get_function(name)
+        kernel = module.get_function(name)
         graph = _emulated_graph()
         return kernel if graph is None else _Recorder(name, kernel, graph)
 

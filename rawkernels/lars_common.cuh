@@ -35,6 +35,23 @@ static_assert(kTile == kQBlock, "a warp tile must be exactly one quantization bl
 static_assert(kTile == 32 * 8, "each lane owns two quads (8 elements) of a tile");
 static_assert(kFinalizeThreads >= kHistory, "one finalize thread per history entry");
 
+// ---- how the stats pass accumulates (docs/kernels.md, "float32 partials") -----------------
+// 1: each lane sums a tile's 8 products per dot product in float32 (fmaf) and adds
+// that partial to its float64 sum once per tile; a lane's tile with a non-finite
+// float32 partial or a nonzero element below kStatsF32MinBits (2^-40) is summed in
+// float64 instead, exactly as with 0. 0: every product is accumulated in float64.
+// Chosen per architecture where float64 runs at 1/64 of the float32 rate (sm_86,
+// sm_87, sm_89: the stats pass would be bound by its float64 arithmetic there, not by
+// memory); -DLARS_STATS_F32_PARTIALS=0 or =1 forces it (the CPU emulator has no
+// __CUDA_ARCH__: tests build it with =1 to run this path).
+#ifndef LARS_STATS_F32_PARTIALS
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 860 || __CUDA_ARCH__ == 870 || __CUDA_ARCH__ == 890)
+#define LARS_STATS_F32_PARTIALS 1
+#else
+#define LARS_STATS_F32_PARTIALS 0
+#endif
+#endif
+
 template <typename T>
 __device__ __forceinline__ T* address(const long long* row, int field) {
   return reinterpret_cast<T*>(static_cast<unsigned long long>(row[field]));

@@ -144,6 +144,94 @@ struct StatsLive {
                                     (kP && M != kNoState ? (1u << kPM) : 0u);
 };
 
+// A lane's 8 elements of a tile into its float64 sums, product by product: float32 x
+// float32 is exact in float64, so only the accumulation rounds.
+template <bool kP, bool kM>
+__device__ __forceinline__ void tile_sums_f64(const float* gv, const float* pv, const float* mv, double* acc) {
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const double gd = gv[k];
+    acc[kGG] = fma(gd, gd, acc[kGG]);
+    if constexpr (kP) {
+      const double pd = pv[k];
+      acc[kPP] = fma(pd, pd, acc[kPP]);
+      acc[kGP] = fma(gd, pd, acc[kGP]);
+    }
+    if constexpr (kM) {
+      const double md = mv[k];
+      acc[kMM] = fma(md, md, acc[kMM]);
+      acc[kGM] = fma(gd, md, acc[kGM]);
+      if constexpr (kP) acc[kPM] = fma(static_cast<double>(pv[k]), md, acc[kPM]);
+    }
+  }
+}
+
+#if LARS_STATS_F32_PARTIALS
+// float32 partials (LARS_STATS_F32_PARTIALS, docs/kernels.md "float32 partials"): a
+// lane's 8 products per dot product summed in float32 by fmaf, then each partial
+// added to its float64 sum: one conversion and one float64 add per sum and tile
+// instead of 8 float64 fused multiply-adds. Exact conditions, checked per lane and
+// tile, else it returns false and the caller sums the tile in float64:
+// - every nonzero element has |x| >= 2^-40, so every product, fmaf result and partial
+//   is 0 or a multiple of 2^-126: nothing is subnormal, nothing is flushed (-ftz=true
+//   on the GPU, FTZ/DAZ in the emulator change nothing), each fmaf rounds relatively;
+// - every partial is finite (a NaN or Inf element, or a float32 overflow of a square
+//   or a sum, makes one non-finite): such tiles keep float64's range, so g.g is
+//   finite exactly when g is, as in the float64 accumulation.
+// Key of an element: its bits shifted past the sign, minus 1 (unsigned): +-0 maps to
+// the largest key, and otherwise the key grows with |x|.
+enum StatsF32Bounds : unsigned {
+  kStatsF32MinBits = 0x2B800000u,  // 2^-40 as float32 bits
+};
+
+__device__ __forceinline__ unsigned tiny_key(float x) { return (__float_as_uint(x) << 1) - 1u; }
+
+template <bool kP, bool kM>
+__device__ __forceinline__ bool tile_sums_f32(const float* gv, const float* pv, const float* mv, double* acc) {
+  float s[kSums];
+#pragma unroll
+  for (int j = 0; j < kSums; ++j) s[j] = 0.0f;
+  unsigned low = 0xFFFFFFFFu;  // the smallest key of the lane's elements
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const float gk = gv[k];
+    low = min(low, tiny_key(gk));
+    s[kGG] = fmaf(gk, gk, s[kGG]);
+    if constexpr (kP) {
+      const float pk = pv[k];
+      low = min(low, tiny_key(pk));
+      s[kPP] = fmaf(pk, pk, s[kPP]);
+      s[kGP] = fmaf(gk, pk, s[kGP]);
+    }
+    if constexpr (kM) {
+      const float mk = mv[k];
+      low = min(low, tiny_key(mk));
+      s[kMM] = fmaf(mk, mk, s[kMM]);
+      s[kGM] = fmaf(gk, mk, s[kGM]);
+      if constexpr (kP) s[kPM] = fmaf(pv[k], mk, s[kPM]);
+    }
+  }
+  // NaN and Inf propagate into this sum of magnitudes (one that overflows only sends a
+  // finite tile to the float64 path).
+  float size = s[kGG];
+  if constexpr (kP) size += s[kPP] + fabsf(s[kGP]);
+  if constexpr (kM) size += s[kMM] + fabsf(s[kGM]);
+  if constexpr (kP && kM) size += fabsf(s[kPM]);
+  if (!(size <= 3.4028234663852886e38f) || low < (kStatsF32MinBits << 1) - 1u) return false;
+  acc[kGG] += static_cast<double>(s[kGG]);
+  if constexpr (kP) {
+    acc[kPP] += static_cast<double>(s[kPP]);
+    acc[kGP] += static_cast<double>(s[kGP]);
+  }
+  if constexpr (kM) {
+    acc[kMM] += static_cast<double>(s[kMM]);
+    acc[kGM] += static_cast<double>(s[kGM]);
+    if constexpr (kP) acc[kPM] += static_cast<double>(s[kPM]);
+  }
+  return true;
+}
+#endif
+
 // A warp walks its tiles of the chunk (every kWarps-th), 8 elements per lane a
 // tile: per lane 2 quads of g (and of p, and of m or its codes) per tile, 16 to 96
 // bytes by format and variant, and the next tile's loads are issued before this
@@ -176,23 +264,13 @@ __device__ __forceinline__ void stats_sums(const Chunk& c, const typename Storag
       if constexpr (kP) widen_quad(cur.p[h], pv + 4 * h);
       if constexpr (kM) state.widen(cur.m[h], mv + 4 * h);
     }
-    // float32 x float32 is exact in float64: only the accumulation rounds.
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const double gd = gv[k];
-      acc[kGG] = fma(gd, gd, acc[kGG]);
-      if constexpr (kP) {
-        const double pd = pv[k];
-        acc[kPP] = fma(pd, pd, acc[kPP]);
-        acc[kGP] = fma(gd, pd, acc[kGP]);
-      }
-      if constexpr (kM) {
-        const double md = mv[k];
-        acc[kMM] = fma(md, md, acc[kMM]);
-        acc[kGM] = fma(gd, md, acc[kGM]);
-        if constexpr (kP) acc[kPM] = fma(static_cast<double>(pv[k]), md, acc[kPM]);
-      }
+#if LARS_STATS_F32_PARTIALS
+    if (tile_sums_f32<kP, kM>(gv, pv, mv, acc)) {
+      if constexpr (kAhead) cur = next;
+      continue;
     }
+#endif
+    tile_sums_f64<kP, kM>(gv, pv, mv, acc);
     if constexpr (kAhead) cur = next;
   }
 }

@@ -27,10 +27,9 @@ from kernel_checks import (
 )
 from kernel_checks import random_problem as _random_problem
 
-from cupylars import cuda, plan
+from cupylars import backends, cuda, plan
 from cupylars import functional as F
 from cupylars.state import LarsState
-from cupylars.testing import emulated_cuda
 
 SHAPES = [(1,), (255,), (257,), (4097,), (33, 65), (70000,)]
 FORMATS = ["float32", "float16", "bfloat16"]
@@ -500,9 +499,26 @@ def compare_bits(got, want, limit: int = 3) -> list[str]:
     return problems
 
 
-def emulator_runner() -> Callable[[dict[str, Any]], list]:
+def device_takes_f32_partials() -> bool:
+    """Whether the current CuPy device builds the float32-partials stats pass (sm_86, sm_87,
+    sm_89: cuda.STATS_F32_PARTIALS_ARCHS); False without CuPy or a device."""
+    try:
+        import cupy as cp
+
+        return int(cp.cuda.Device().compute_capability) in cuda.STATS_F32_PARTIALS_ARCHS
+    except Exception:
+        return False
+
+
+def emulator_runner(f32_partials: bool | None = None) -> Callable[[dict[str, Any]], list]:
+    """The emulated kernels, built as the device builds them: with the float32-partials
+    stats pass where the current device takes it (``f32_partials`` None), or as told."""
+    if f32_partials is None:
+        f32_partials = device_takes_f32_partials()
+    backend = cuda.emulated_backend(defines=cuda.STATS_F32_PARTIALS if f32_partials else None)
+
     def run(case):
-        return run_case(case, np.copy, np.asarray, emulated_cuda)
+        return run_case(case, np.copy, np.asarray, lambda: backends.use(backend))
 
     return run
 

@@ -1,4 +1,5 @@
-"""Every kernel in rawkernels/ compiles for sm_80 and sm_90 without register spills.
+"""Every kernel in rawkernels/ compiles for sm_80, sm_86, sm_87, sm_89 and sm_90 without
+register spills (sm_86/87/89 build the float32-partials stats pass).
 
 NVRTC comes from the ``cuda-bindings`` + ``nvidia-cuda-nvrtc`` wheels and the
 CUDA headers from ``nvidia-cuda-runtime`` (the ``compile`` extra), so no GPU and
@@ -18,7 +19,9 @@ import pytest
 
 from cupylars import cuda, cuda_runtime, plan
 
-ARCHS = ("sm_80", "sm_90")
+# sm_86, sm_87 and sm_89 (float64 at 1/64 of the float32 rate) compile the stats pass
+# with float32 partials (LARS_STATS_F32_PARTIALS in lars_common.cuh), the others in float64.
+ARCHS = ("sm_80", "sm_86", "sm_87", "sm_89", "sm_90")
 _ENTRY = re.compile(
     r"Compiling entry function '(?P<name>\w+)' for '(?P<arch>sm_\d+a?)'.*?"
     r"(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes spill stores, "
@@ -63,8 +66,9 @@ def _include_dirs() -> list[str]:
     return dirs
 
 
-def nvrtc_compile(arch: str) -> tuple[str, bytes]:
-    """Compile lars_kernels.cu to a cubin with NVRTC; returns (ptxas log, cubin)."""
+def nvrtc_compile(arch: str, defines: tuple[str, ...] = ()) -> tuple[str, bytes]:
+    """Compile lars_kernels.cu to a cubin with NVRTC (``defines``: extra ``NAME=VALUE``
+    macros); returns (ptxas log, cubin)."""
     nvrtc = _nvrtc()
     source, _ = cuda.kernel_sources()
 
@@ -93,6 +97,7 @@ def nvrtc_compile(arch: str) -> tuple[str, bytes]:
             f"-I{source.parent}".encode(),
             *[f"-I{d}".encode() for d in _include_dirs()],
             b"--ptxas-options=-v",
+            *[f"-D{d}".encode() for d in defines],
         ]
         check(nvrtc.nvrtcCompileProgram(prog, len(options), options), prog)
         log = _log(prog)
@@ -104,13 +109,13 @@ def nvrtc_compile(arch: str) -> tuple[str, bytes]:
         nvrtc.nvrtcDestroyProgram(prog)
 
 
-_CACHE: dict[str, tuple[str, bytes]] = {}
+_CACHE: dict[tuple[str, tuple[str, ...]], tuple[str, bytes]] = {}
 
 
-def _compiled(arch: str) -> tuple[str, bytes]:
-    if arch not in _CACHE:
-        _CACHE[arch] = nvrtc_compile(arch)
-    return _CACHE[arch]
+def _compiled(arch: str, defines: tuple[str, ...] = ()) -> tuple[str, bytes]:
+    if (arch, defines) not in _CACHE:
+        _CACHE[arch, defines] = nvrtc_compile(arch, defines)
+    return _CACHE[arch, defines]
 
 
 def _check_report(report: dict[str, dict[str, int]], arch: str, log: str) -> None:
@@ -132,6 +137,31 @@ def test_nvrtc_compiles_without_warnings(arch):
     log, _ = _compiled(arch)
     warnings = [line for line in log.splitlines() if "warning" in line.lower()]
     assert not warnings, "\n".join(warnings)
+
+
+def _f32_partials_archs_in_header() -> tuple[int, ...]:
+    _, header = cuda.kernel_sources()
+    m = re.search(
+        r"#if defined\(__CUDA_ARCH__\) && \(([^\n]*)\)\n#define LARS_STATS_F32_PARTIALS 1", header.read_text()
+    )
+    assert m is not None, "the architecture test of LARS_STATS_F32_PARTIALS is not in lars_common.cuh"
+    return tuple(int(v) // 10 for v in re.findall(r"__CUDA_ARCH__ == (\d+)", m.group(1)))
+
+
+def test_f32_partials_architectures_match_the_launcher():
+    assert _f32_partials_archs_in_header() == cuda.STATS_F32_PARTIALS_ARCHS
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_86"])
+def test_the_stats_accumulation_is_chosen_by_architecture(arch):
+    # The default build of an architecture is the forced build of its accumulation, and
+    # differs from the other one: sm_86 takes the float32 partials, sm_80 float64.
+    on = int(arch[3:]) in cuda.STATS_F32_PARTIALS_ARCHS
+    _, default = _compiled(arch)
+    _, same = _compiled(arch, (f"LARS_STATS_F32_PARTIALS={int(on)}",))
+    _, other = _compiled(arch, (f"LARS_STATS_F32_PARTIALS={int(not on)}",))
+    assert default == same
+    assert default != other
 
 
 def _nvcc() -> str:

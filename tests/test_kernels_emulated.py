@@ -32,7 +32,7 @@ from lars_cases import (
     to_storage,
 )
 
-from cupylars import cuda, plan
+from cupylars import backends, cuda, plan
 from cupylars import functional as F
 from cupylars.testing import emulated_cuda, native_cpu
 
@@ -45,7 +45,21 @@ pytestmark = pytest.mark.skipif(
 FORMATS = ["float32", "float16", "bfloat16"]
 SMALL_CHUNK = 512  # several chunks per tensor from a few thousand elements
 
-KERNEL_BACKENDS = {"emulated-cuda": emulated_cuda, "cpu": native_cpu}
+
+
+def emulated_cuda_f32_partials():
+    """The emulated kernels built with the float32-partials stats pass (the GPU build's
+    on sm_86, sm_87 and sm_89; docs/kernels.md, "float32 partials")."""
+    return backends.use(cuda.emulated_backend(defines=cuda.STATS_F32_PARTIALS))
+
+
+# Every test but the launcher's runs on each: the float64 stats pass (sm_80, sm_90), the
+# float32-partials one, and the native CPU backend.
+KERNEL_BACKENDS = {
+    "emulated-cuda": emulated_cuda,
+    "emulated-cuda-f32-partials": emulated_cuda_f32_partials,
+    "cpu": native_cpu,
+}
 _current = ["emulated-cuda"]
 cuda_launcher = pytest.mark.cuda_launcher  # a test of the CUDA launcher: emulator only
 
@@ -54,7 +68,7 @@ cuda_launcher = pytest.mark.cuda_launcher  # a test of the CUDA launcher: emulat
 def kernel_backend(request):
     """Every test runs on each kernel backend (``kernels()`` enters the current one)."""
     if request.param != "emulated-cuda" and request.node.get_closest_marker("cuda_launcher"):
-        pytest.skip("tests the CUDA launcher, which the native CPU backend does not use")
+        pytest.skip("tests the CUDA launcher: run on the default emulated build only")
     _current[0] = request.param
     yield request.param
     _current[0] = "emulated-cuda"
