@@ -78,6 +78,7 @@ def _worker(rank: int, port: int, outdir: str) -> None:
                 k: type(v).__name__ for k, v in opt.state[next(model.parameters())].items()
             }
         torch.save(results, Path(outdir) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -89,6 +89,7 @@ def _save_worker(rank: int, port: int, outdir: str) -> None:
             }
         if rank == 0:
             torch.save(results, Path(outdir) / "saved.pt")
+        dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -137,6 +138,7 @@ def _load_worker(rank: int, port: int, outdir: str) -> None:
             results["nan"] = str(exc)
         results["nan_untouched"] = torch.equal(opt.state[model[0].weight]["state1"].to_local(), before)
         torch.save(results, Path(outdir) / f"loaded{rank}.pt")
+        dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
 
