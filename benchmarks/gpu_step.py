@@ -81,6 +81,21 @@ DEVICE = "cuda"
 FRESH = ", fresh grads"
 
 
+#: The rows of the ResNet-50 table (b), in print order, per storage format.
+RESNET_ROWS = (
+    "torch SGD fused",
+    "torch SGD fused, 32-bit bytes",
+    "torch SGD fused, 8-bit bytes",
+    "torch eager LARS",
+    "torch foreach LARS",
+    "torch.compile LARS",
+    "cupylars 32-bit",
+    "cupylars 8-bit",
+    "optim.LARS32bit",
+    "optim.LARS8bit",
+)
+
+
 def resnet50_shapes() -> list[tuple[int, ...]]:
     """Parameter shapes of torchvision's resnet50(), in its parameters() order."""
     shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]  # stem conv + batch norm
@@ -618,18 +633,7 @@ def report(results: dict) -> str:
             f"    {'':{width}s} {'gpu ms':>8s}  {'wall ms':>8s} {'host us/tensor':>14s} "
             f"{'/ SGD fused':>11s} {'/ SGD same B':>12s} {'eager /':>8s} {'best torch /':>12s}"
         )
-        names = (
-            "torch SGD fused",
-            "torch SGD fused, 32-bit bytes",
-            "torch SGD fused, 8-bit bytes",
-            "torch eager LARS",
-            "torch foreach LARS",
-            "torch.compile LARS",
-            "cupylars 32-bit",
-            "cupylars 8-bit",
-            "optim.LARS32bit",
-            "optim.LARS8bit",
-        )
+        names = RESNET_ROWS
         for fmt in ("float32", "bfloat16"):
             eager = rows.get(f"{fmt} torch eager LARS", {}).get("ms")
             torch_lars = [

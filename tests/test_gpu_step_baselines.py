@@ -76,18 +76,7 @@ def test_same_bytes_rows_scale_by_the_documented_byte_counts():
 
 def test_report_renders_every_row():
     rows = {}
-    names = [
-        "torch SGD fused",
-        "torch SGD fused, 32-bit bytes",
-        "torch SGD fused, 8-bit bytes",
-        "torch eager LARS",
-        "torch foreach LARS",
-        "torch.compile LARS",
-        "cupylars 32-bit",
-        "cupylars 8-bit",
-        "optim.LARS32bit",
-        "optim.LARS8bit",
-    ]
+    names = gpu_step.RESNET_ROWS
     for fmt in ("float32", "bfloat16"):
         for k, name in enumerate(names):
             rows[f"{fmt} {name}"] = {"ms": 1.0 + k, "wall_ms": 2.0, "host_us_per_tensor": 0.5}
