@@ -212,7 +212,7 @@ def _train(
     result.test_loss, result.accuracy = _evaluate(model, x_test, y_test, args.batch_size)
     result.state_bytes = _state_bytes(optimizer)
     result.backend = ", ".join(
-        f"{d}: {b.split(':')[0]}" for d, b in getattr(optimizer, "backends", {}).items()
+        f"{b.split(':')[0]} (tensors on {d})" for d, b in getattr(optimizer, "backends", {}).items()
     )
     return result
 
