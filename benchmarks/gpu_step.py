@@ -489,15 +489,7 @@ def bench_resnet(cp: Any, timer: Timer, runs: int, results: dict, compiled: bool
         compiled = _compiled_lars(torch) if kind == "compiled" else None
 
         def step() -> None:
-            with torch.no_grad():
-                if kind == "eager":
-                    _eager_lars(torch, params, grads, bufs, first)
-                elif kind == "foreach":
-                    _foreach_lars(torch, params, grads, bufs, first)
-                else:
-                    assert compiled is not None
-                    compiled(params, grads, bufs, first[0])
-                    first[0] = False
+            _torch_lars_step(torch, kind, compiled, params, grads, bufs, first)
 
         return Row(step, lambda: None, lambda new: None)
 
@@ -540,16 +532,23 @@ def run_torch_lars(
     first = [True] * len(params)
     compiled = _compiled_lars(torch, backend) if kind == "compiled" else None
     for _ in range(steps):
-        with torch.no_grad():
-            if kind == "eager":
-                _eager_lars(torch, params, grads, bufs, first)
-            elif kind == "foreach":
-                _foreach_lars(torch, params, grads, bufs, first)
-            else:
-                assert compiled is not None
-                compiled(params, grads, bufs, first[0])
-                first[0] = False
+        _torch_lars_step(torch, kind, compiled, params, grads, bufs, first)
     return params
+
+
+def _torch_lars_step(
+    torch: Any, kind: str, compiled: Any, params: list, grads: list, bufs: list, first: list[bool]
+) -> None:
+    """One step of the torch LARS ``kind`` ("eager", "foreach" or "compiled")."""
+    with torch.no_grad():
+        if kind == "eager":
+            _eager_lars(torch, params, grads, bufs, first)
+        elif kind == "foreach":
+            _foreach_lars(torch, params, grads, bufs, first)
+        else:
+            assert compiled is not None
+            compiled(params, grads, bufs, first[0])
+            first[0] = False
 
 
 def check_eager_matches(cp: Any, results: dict, compiled: bool = True) -> None:

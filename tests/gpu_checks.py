@@ -151,16 +151,20 @@ def check_two_runs_are_bitwise_identical(cp, bits: int) -> None:
             assert cp.asnumpy(arr).tobytes() == cp.asnumpy(getattr(b, k)).tobytes(), k
 
 
-def check_graph_capture(cp) -> None:
-    """A step after the first (tables cached) captures into a CUDA graph: any host
-    synchronisation or upload inside it would break the capture."""
+def _capture_problem(cp, seed: int):
+    """A side stream, three 8-bit tensors on the device with gradients, and twins of them."""
     stream = cp.cuda.Stream(non_blocking=True)
     if not hasattr(stream, "begin_capture"):
         raise Skip("this CuPy has no stream capture")
-    rng, params, states = _problem(cp, 5, [(3,), (5000,), (70000,)], "float32", 8, 1000)
+    rng, params, states = _problem(cp, seed, [(3,), (5000,), (70000,)], "float32", 8, 1000)
     grads = [cp.asarray(random_grad(rng, p.shape, "float32")) for p in params]
-    twin_p = [p.copy() for p in params]
-    twin_s = [_on(s, cp.copy) for s in states]
+    return stream, params, states, grads, [p.copy() for p in params], [_on(s, cp.copy) for s in states]
+
+
+def check_graph_capture(cp) -> None:
+    """A step after the first (tables cached) captures into a CUDA graph: any host
+    synchronisation or upload inside it would break the capture."""
+    stream, params, states, grads, twin_p, twin_s = _capture_problem(cp, 5)
     with stream:
         F.lars_update_many(params, grads, states, **FULL)  # first step: builds and uploads the tables
         stream.synchronize()
@@ -180,13 +184,7 @@ def check_graph_capture(cp) -> None:
 def check_graph_capture_other_stream(cp) -> None:
     """Tables and scratch built on the default stream serve a capture on another stream
     (they are kept per device), and the graph reads a device lr at each replay."""
-    stream = cp.cuda.Stream(non_blocking=True)
-    if not hasattr(stream, "begin_capture"):
-        raise Skip("this CuPy has no stream capture")
-    rng, params, states = _problem(cp, 7, [(3,), (5000,), (70000,)], "float32", 8, 1000)
-    grads = [cp.asarray(random_grad(rng, p.shape, "float32")) for p in params]
-    twin_p = [p.copy() for p in params]
-    twin_s = [_on(s, cp.copy) for s in states]
+    stream, params, states, grads, twin_p, twin_s = _capture_problem(cp, 7)
     cfg = F.LarsConfig(lr=0.1, **FULL)
     lr = cp.asarray([0.1])
     batch = F.prepare(params, states)
