@@ -23,8 +23,14 @@ $(VENV)/.demo: $(VENV)/.base
 	$(PIP) -e ".[torch,plot]" $(TORCH_SPEC)
 	touch $@
 
+# CuPy 13 (the oldest CuPy the cuda12 extra allows) goes into a folder of its own: both
+# CuPy wheels are the package `cupy`, and tests/test_cupy_seams.py runs it in a subprocess.
+CUPY13_SPEC ?= "cupy-cuda12x==13.6.0" "fastrlock>=0.5"
+
 $(VENV)/.test: $(VENV)/.base
 	$(PIP) -e ".[torch,test,compile]" $(TORCH_SPEC)
+	rm -rf $(VENV)/cupy13
+	$(PIP) --no-deps --target $(VENV)/cupy13 $(CUPY13_SPEC)
 	touch $@
 
 demo: $(VENV)/.demo

@@ -491,6 +491,11 @@ class EmulatedKernel:
         if status != 0:
             raise EmulatorError(f"{self.name}: {error.value.decode(errors='replace')}")
 
+    def passes_by_value(self, index: int) -> bool:
+        """Whether parameter ``index`` is a value (a scalar or struct), not a pointer: an
+        array passed there is copied into the launch, as CuPy copies a size-1 host array."""
+        return self.params[index].code != _POINTER
+
     def _check_config(self, grid: tuple[int, int, int], block: tuple[int, int, int], shared_mem: int) -> None:
         # CUDA's limits (compute capability 7.0 and later); the GPU refuses such launches too.
         gx, gy, gz = grid
@@ -511,9 +516,15 @@ class EmulatedKernel:
     def _argument(self, index: int, arg: Any, param: _Param) -> ctypes.Array:
         """The bytes of one argument, as the kernel's parameter type expects them."""
         where = f"{self.name}: argument {index} (parameter type {param.describe()})"
-        if isinstance(arg, np.ndarray):
-            if param.code != _POINTER:
-                raise TypeError(f"{where} got an ndarray; pass a NumPy scalar of the parameter's type")
+        if isinstance(arg, np.ndarray) and self.passes_by_value(index):
+            # CuPy passes a size-1 host array by value (how structs travel on CuPy 13 and 14).
+            if arg.size != 1 or arg.dtype.kind != "V" or arg.dtype.itemsize != param.size:
+                raise TypeError(
+                    f"{where} got an ndarray of shape {arg.shape} and dtype {arg.dtype}; pass a struct "
+                    "by value as a size-1 structured array (or NumPy scalar) of the parameter's size"
+                )
+            raw = arg.tobytes()
+        elif isinstance(arg, np.ndarray):
             if not arg.flags.c_contiguous:
                 raise ValueError(f"{where}: the array is not C-contiguous")
             if not _pointee_accepts(param, arg.dtype):

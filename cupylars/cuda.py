@@ -155,24 +155,26 @@ class _Scratch:
     coefs: Any  # int32, COEF_WORDS per tensor
 
 
-def grad_patches(grad_addresses: Sequence[int], vector: np.ndarray) -> list[np.void]:
+def grad_patches(grad_addresses: Sequence[int], vector: np.ndarray) -> list[np.ndarray]:
     """The ``lars_set_grads`` arguments that write ``grad_addresses`` and the quad-access
     flags ``vector`` (both in row order) into every row of a tensor table: one struct of
-    up to GRAD_PATCH_ROWS consecutive rows per launch."""
-    patches: list[np.void] = []
+    up to GRAD_PATCH_ROWS consecutive rows per launch.
+
+    Each struct is a size-1 NumPy array of ``GRAD_PATCH``: CuPy 13 and 14 both pass a
+    size-1 host array to a kernel by value (CuPy 13 refuses a structured ``np.void``
+    scalar), and so does the emulator, for a struct parameter."""
+    patches: list[np.ndarray] = []
     n = len(grad_addresses)
     for first in range(0, n, GRAD_PATCH_ROWS):
         count = min(GRAD_PATCH_ROWS, n - first)
-        # A fresh 0-d array per launch: its np.void scalar views this memory, which nothing
-        # writes again (a recorded launch keeps the scalar until the graph goes).
-        patch = np.zeros((), GRAD_PATCH)
-        patch["grad"][:count] = grad_addresses[first : first + count]
+        # A fresh array per launch: the launch copies its bytes (a recorded launch keeps
+        # them in the graph), and nothing writes this memory again.
+        patch = np.zeros(1, GRAD_PATCH)
+        patch["grad"][0, :count] = grad_addresses[first : first + count]
         patch["vector"] = sum(1 << k for k in np.flatnonzero(vector[first : first + count]).tolist())
         patch["first"] = first
         patch["count"] = count
-        scalar = patch[()]  # the struct as a NumPy scalar: passed by value
-        assert isinstance(scalar, np.void)
-        patches.append(scalar)
+        patches.append(patch)
     return patches
 
 

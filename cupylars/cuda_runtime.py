@@ -153,11 +153,7 @@ class CupyRuntime:
         return (self.device(),)
 
     def is_capturing(self) -> bool:
-        stream = self.xp.cuda.get_current_stream()
-        query = getattr(stream, "is_capturing", None)  # CuPy >= 10
-        if query is not None:
-            return bool(query())
-        return bool(self.xp.cuda.runtime.streamIsCapturing(stream.ptr))
+        return bool(self.xp.cuda.get_current_stream().is_capturing())
 
     def fence(self) -> Any:
         """A keepalive for memory retired on the current stream (see release)."""
@@ -298,8 +294,10 @@ class EmulatedGraph:
     def record(self, name: str, kernel: Any, grid: Any, block: Any, args: tuple[Any, ...]) -> None:
         recorded: list[Any] = []
         owners = []
-        for arg in args:
-            if isinstance(arg, np.ndarray):
+        for index, arg in enumerate(args):
+            if isinstance(arg, np.ndarray) and kernel.passes_by_value(index):
+                recorded.append(arg.copy())  # a value parameter: the graph keeps its bytes
+            elif isinstance(arg, np.ndarray):
                 owner = _memory_owner(arg)
                 if owner is not None:
                     owners.append(weakref.ref(owner))

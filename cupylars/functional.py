@@ -36,6 +36,7 @@ The step, per tensor, at applied step :math:`t` (docs/algorithm.md):
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 from collections.abc import Sequence
@@ -43,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from . import backends
+from . import backends, streams
 from . import batch as batch_module
 from .backends import Backend
 from .batch import PreparedBatch, module_of
@@ -68,7 +69,12 @@ __all__ = [
 
 
 def init_state(
-    param: Any, *, optim_bits: int = 32, min_8bit_size: int = 4096, dtype: str | None = None
+    param: Any,
+    *,
+    optim_bits: int = 32,
+    min_8bit_size: int = 4096,
+    dtype: str | None = None,
+    stream: Any = None,
 ) -> LarsState:
     """A fresh state for ``param`` (no values are read), in ``param``'s array module:
     NumPy arrays for host arrays and CPU tensors, CuPy arrays for CUDA ones.
@@ -76,16 +82,18 @@ def init_state(
     With ``optim_bits=8`` a tensor of at least ``min_8bit_size`` elements keeps
     its momentum as 8-bit blockwise codes; smaller tensors keep float32.
     ``dtype='bfloat16'`` declares a uint16 array of bfloat16 bit patterns.
+    CUDA state is filled on the stream :func:`lars_update` would step on (``stream``).
     """
-    param, declared = _as_array(param, "param")
-    fmt = resolve_format(param, dtype or declared)
-    xp = array_module(param)
-    if xp is not np:
-        with xp.cuda.Device(param.device.id):
-            return LarsState.create(
-                xp, param.shape, fmt, optim_bits=optim_bits, min_8bit_size=min_8bit_size
-            )
-    return LarsState.create(xp, param.shape, fmt, optim_bits=optim_bits, min_8bit_size=min_8bit_size)
+    with _launch_scope([param], stream):
+        param, declared = _as_array(param, "param")
+        fmt = resolve_format(param, dtype or declared)
+        xp = array_module(param)
+        if xp is not np:
+            with xp.cuda.Device(param.device.id):
+                return LarsState.create(
+                    xp, param.shape, fmt, optim_bits=optim_bits, min_8bit_size=min_8bit_size
+                )
+        return LarsState.create(xp, param.shape, fmt, optim_bits=optim_bits, min_8bit_size=min_8bit_size)
 
 
 def lars_update(
@@ -106,6 +114,7 @@ def lars_update(
     nonfinite: str = "skip",
     dtype: str | None = None,
     backend: str | None = None,
+    stream: Any = None,
 ) -> None:
     """Apply one LARS step to ``param`` and ``state``, in place.
 
@@ -128,9 +137,13 @@ def lars_update(
             counts it), ``'raise'`` s FloatingPointError, or ``'propagate'`` s.
         dtype: storage format when the arrays cannot tell (``'bfloat16'`` for
             uint16 bit patterns; torch bfloat16 tensors tell).
-        backend: ``'auto'`` (default: ``CUPYLARS_BACKEND``, else the native CPU
+        backend: None (default: ``CUPYLARS_BACKEND``, else the native CPU
             backend for host arrays and the CUDA kernels for CUDA arrays),
             ``'reference'``, ``'cpu'`` or ``'cuda'``.
+        stream: the CUDA stream of the step (CUDA arrays only): a CuPy stream or
+            any object with ``__cuda_stream__`` (a ``torch.cuda.Stream``). By
+            default torch CUDA tensors step on torch's current stream of their
+            device and CuPy arrays on CuPy's current stream.
 
     Raises:
         TypeError, ValueError: on any invalid argument; nothing is modified.
@@ -152,6 +165,7 @@ def lars_update(
         nonfinite=nonfinite,
         dtype=dtype,
         backend=backend,
+        stream=stream,
     )
 
 
@@ -163,6 +177,7 @@ def lars_update_many(
     config: LarsConfig | None = None,
     dtype: str | None = None,
     backend: str | None = None,
+    stream: Any = None,
     **hyperparameters: Any,
 ) -> None:
     """:func:`lars_update` over a list of tensors in one call.
@@ -180,6 +195,9 @@ def lars_update_many(
     call checks only what can change between steps, the gradients and the
     parameters' type, dtype and shape. A state's arrays changed in place
     (reshaped, made read-only) are not seen: assign them instead.
+
+    ``stream`` as in :func:`lars_update`: torch CUDA tensors step on torch's current
+    stream of their device, CuPy arrays on CuPy's current stream.
     """
     if config is None:
         cfg = LarsConfig(**hyperparameters)
@@ -190,10 +208,11 @@ def lars_update_many(
     else:
         cfg = config
     tensors = None
-    if not _plain_arrays(params) or not _plain_arrays(grads):
-        tensors = [p for p in params if type(p).__module__.split(".")[0] == "torch"]
-        params, grads, dtype = _as_arrays(params, grads, dtype)
-    _batch_for(params, states, dtype, backend).step(params, grads, states, cfg)  # it holds for them
+    with _launch_scope(params, stream):
+        if not _plain_arrays(params) or not _plain_arrays(grads):
+            tensors = [p for p in params if type(p).__module__.split(".")[0] == "torch"]
+            params, grads, dtype = _as_arrays(params, grads, dtype)
+        _batch_for(params, states, dtype, backend).step(params, grads, states, cfg)  # it holds for them
     if tensors:
         # The arrays wrote the tensors behind autograd's back: tell it, so a backward
         # through a graph that saved the old values fails loudly instead of silently.
@@ -264,6 +283,26 @@ def backend_for(params: Sequence[Any], backend: str | None = None) -> Backend:
     """The backend an update of ``params`` takes; its ``.reason`` says why."""
     arrays = [_as_array(p, f"params[{i}]")[0] for i, p in enumerate(params)]
     return backends.select(module_of(arrays), backend)
+
+
+# -- streams ----------------------------------------------------------------------------
+
+
+def _launch_scope(params: Sequence[Any], stream: Any) -> contextlib.AbstractContextManager[Any]:
+    """The stream contract of cupylars/streams.py: torch CUDA tensors on torch's current
+    stream of their device, CuPy arrays on CuPy's current stream, ``stream`` over both."""
+    first: Any = params[0] if len(params) else None
+    if type(first).__module__.split(".")[0] == "torch" and first.device.type == "cuda":
+        import cupy
+
+        return streams.torch_device_scope(cupy, first.device.index, stream)
+    if stream is None:
+        return contextlib.nullcontext()
+    if first is None or isinstance(first, np.ndarray) or int(first.__dlpack_device__()[0]) != _KDL_CUDA:
+        raise TypeError("stream= applies to CUDA arrays; these params live on the host")
+    import cupy
+
+    return streams.on_stream(cupy, stream)
 
 
 # -- arrays from other frameworks -------------------------------------------------------

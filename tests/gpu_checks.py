@@ -371,6 +371,97 @@ def check_backend_reason(cp) -> None:
     assert backend.name == "cuda" and "CuPy" in backend.reason, backend.describe()
 
 
+def set_grads_table(runtime: Any, xp: Any) -> np.ndarray:
+    """``lars_set_grads`` launched by ``runtime`` (GPU or emulator) over a table of -1s:
+    more rows than one struct carries, addresses and quad flags of every kind. Returns
+    the table on the host; :func:`expected_set_grads_table` is what it must be."""
+    n = cuda.GRAD_PATCH_ROWS + 9
+    table = xp.full((n, plan.TENSOR_FIELDS), -1, dtype=xp.int64)
+    addresses, vector = _set_grads_inputs(n)
+    kernel = runtime.function("lars_set_grads")
+    for patch in cuda.grad_patches(addresses, vector):
+        kernel((1,), (cuda.GRAD_PATCH_ROWS,), (table, patch))
+    return np.asarray(runtime.download(table))
+
+
+def _set_grads_inputs(n: int) -> tuple[list[int], np.ndarray]:
+    addresses = [0x7F00_0000_0000 + 4096 * k + 4 * (k % 3) for k in range(n)]
+    return addresses, np.array([k % 3 == 0 for k in range(n)])
+
+
+def expected_set_grads_table() -> np.ndarray:
+    n = cuda.GRAD_PATCH_ROWS + 9
+    addresses, vector = _set_grads_inputs(n)
+    table = np.full((n, plan.TENSOR_FIELDS), -1, dtype=np.int64)
+    table[:, plan.FIELD_GRAD] = addresses
+    table[:, plan.FIELD_VECTOR] = vector
+    return table
+
+
+def check_set_grads_struct(cp) -> None:
+    """The GradPatch struct arrives intact: CuPy packs the size-1 structured array by value."""
+    from cupylars.cuda_runtime import CupyRuntime
+
+    got = set_grads_table(CupyRuntime(), cp)
+    assert np.array_equal(got, expected_set_grads_table()), "lars_set_grads wrote other rows than asked"
+
+
+def check_torch_capture_state_and_recovery(cp) -> None:
+    """Inside torch.cuda.graph CuPy sees the capture on the stream cupylars launches on; an
+    exception raised inside the capture leaves torch's current stream as it was, and a new
+    capture of a step then works."""
+    torch = _torch_cuda()
+    from cupylars.cuda_runtime import CupyRuntime
+    from cupylars.streams import torch_device_scope
+
+    before = torch.cuda.current_stream()
+    graph = torch.cuda.CUDAGraph()
+    seen = []
+    try:
+        with torch.cuda.graph(graph):
+            with torch_device_scope(cp, torch.cuda.current_device()):
+                seen.append(bool(cp.cuda.get_current_stream().is_capturing()))
+                seen.append(CupyRuntime().is_capturing())
+            raise KeyError("raised inside the capture")
+    except KeyError:
+        pass
+    assert seen == [True, True], seen
+    assert torch.cuda.current_stream() == before, "the capture left another current stream"
+    with torch_device_scope(cp, torch.cuda.current_device()):
+        assert not cp.cuda.get_current_stream().is_capturing()
+    check_torch_graph_capture(cp, bits=8, foreach=True)
+
+
+def check_functional_torch_side_stream(cp) -> None:
+    """F.lars_update_many on torch CUDA tensors on a side stream equals the same steps on
+    the default stream, and the same steps on CuPy arrays, bit for bit."""
+    torch = _torch_cuda()
+    rng, params, states = _problem(cp, 11, [(3,), (5000,), (70000,)], "float32", 8, 1000)
+    grads = [[random_grad(rng, p.shape, "float32") for p in params] for _ in range(3)]
+
+    def torch_run(side: bool) -> list[Any]:
+        tp = [torch.from_dlpack(p.copy()) for p in params]
+        ts = [F.init_state(p, optim_bits=8, min_8bit_size=1000) for p in tp]
+        stream = torch.cuda.Stream() if side else torch.cuda.current_stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for step in grads:
+                # made on the side stream, as a backward pass would: only that stream orders them
+                tg = [torch.as_tensor(g, device="cuda") for g in step]
+                F.lars_update_many(tp, tg, ts, **FULL)
+        torch.cuda.current_stream().wait_stream(stream)
+        return [t.cpu().numpy() for t in tp]
+
+    cupy_p = [p.copy() for p in params]
+    cupy_s = [_on(s, cp.copy) for s in states]
+    for step in grads:
+        F.lars_update_many(cupy_p, [cp.asarray(g) for g in step], cupy_s, **FULL)
+    want = [cp.asnumpy(p) for p in cupy_p]
+    for got in (torch_run(side=True), torch_run(side=False)):
+        for a, b in zip(got, want):
+            assert a.tobytes() == b.tobytes()
+
+
 CHECKS: list[tuple[str, Callable[..., None], dict[str, Any]]] = [
     *[
         (f"every_shape[{fmt}-{bits}]", check_every_shape, {"fmt": fmt, "bits": bits})
@@ -392,6 +483,9 @@ CHECKS: list[tuple[str, Callable[..., None], dict[str, Any]]] = [
         (f"torch_capture_fresh_grads[{bits}]", check_torch_capture_fresh_grads, {"bits": bits})
         for bits in (32, 8)
     ],
+    ("set_grads_struct", check_set_grads_struct, {}),
+    ("torch_capture_state_and_recovery", check_torch_capture_state_and_recovery, {}),
+    ("functional_torch_side_stream", check_functional_torch_side_stream, {}),
     ("launch_count", check_launch_count, {}),
     ("other_device_rejected", check_other_device_rejected, {}),
     ("backend_reason", check_backend_reason, {}),

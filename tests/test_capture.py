@@ -608,3 +608,13 @@ def test_backend_refuses_in_capture(emulated, plant):
     with emulated_capture() as graph, pytest.raises(GraphCaptureError, match=match):
         batch.update(params, grads, states, cfg)
     assert len(graph) == 0 and all(a.tobytes() == b.tobytes() for a, b in zip(params, before))
+
+
+def test_set_grads_struct_arrives_intact_on_the_emulator():
+    """The GradPatch struct, packed as CuPy packs it (a size-1 structured array, by value),
+    writes exactly the gradient addresses and quad flags it carries (tests/gpu_checks.py
+    checks the same on a GPU)."""
+    import gpu_checks
+
+    got = gpu_checks.set_grads_table(EmulatedRuntime(), np)
+    assert np.array_equal(got, gpu_checks.expected_set_grads_table())

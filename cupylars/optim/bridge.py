@@ -21,12 +21,12 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-from collections.abc import Iterator
 from typing import Any, cast
 
 import torch
 
 from ..state import HISTORY_SIZE, UNRECORDED
+from ..streams import torch_device_scope
 
 __all__ = [
     "DeviceBackend",
@@ -124,29 +124,12 @@ class _CupyBackend(DeviceBackend):
         super().__init__(device, reason)
         self._cupy = cupy
 
-    @contextlib.contextmanager
-    def context(self) -> Iterator[None]:
+    def context(self) -> contextlib.AbstractContextManager[Any]:
         # Kernels go on torch's current stream of the device, so they are ordered with the
         # backward pass that produced the gradients and the forward pass that reads the
-        # parameters, with no synchronisation.
-        cupy = self._cupy
+        # parameters, with no synchronisation (cupylars/streams.py).
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        stream = torch.cuda.current_stream(index)
-        with cupy.cuda.Device(index), self._cupy_stream(stream.cuda_stream, index):
-            yield
-
-    def _cupy_stream(self, handle: int, index: int) -> Any:
-        # One CuPy object per torch stream, made once: CuPy 14 deprecates ExternalStream
-        # (a warning on every construction, i.e. every step) for Stream.from_external.
-        streams = self.__dict__.setdefault("_streams", {})
-        key = (handle, index)
-        if key not in streams:
-            cupy_stream = self._cupy.cuda.Stream
-            if hasattr(cupy_stream, "from_external"):
-                streams[key] = cupy_stream.from_external(handle, index)
-            else:  # CuPy before 14
-                streams[key] = self._cupy.cuda.ExternalStream(handle, index)
-        return streams[key]
+        return torch_device_scope(self._cupy, index)
 
     def view(self, tensor: torch.Tensor) -> Any:
         # Called inside context(): DLPack's stream handshake sees torch's own stream and
