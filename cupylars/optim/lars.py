@@ -311,6 +311,9 @@ class LARS(Optimizer):
 
     # -- the step --------------------------------------------------------------------
 
+    # NumPy, CuPy and the native library are opaque to dynamo: under torch.compile the
+    # step is a graph break and runs eagerly (as torch.optim's load_state_dict does).
+    @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step.
