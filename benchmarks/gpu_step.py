@@ -12,10 +12,11 @@
     implementations of the same LARS step, with float32 and bfloat16
     parameters: eager per tensor (about 15 kernels a tensor: host-bound, so it
     flatters a ratio against it), foreach (multi-tensor kernels over the whole
-    list, timm-style; the per-tensor trust ratios stay on the device) and the
-    per-tensor step through torch.compile (fused by inductor; compiled during
-    warm-up, untimed). Fused SGD moves fewer bytes per element than a LARS step
-    (10 with bfloat16 parameters and momentum, 20 with float32): the "SGD fused,
+    list, timm-style; the per-tensor trust ratios stay on the device) and, with
+    --compile, the per-tensor step through torch.compile (fused by inductor;
+    compiled during warm-up, untimed, which takes minutes). Fused SGD moves
+    fewer bytes per element than a LARS step (10 with bfloat16 parameters and
+    momentum, 20 with float32): the "SGD fused,
     N-bit bytes" rows run it over tensors enlarged by the ratio of the bytes a
     cupylars step with N-bit state moves per parameter (docs/kernels.md) to
     SGD's, so that they move the same bytes as the cupylars row.
@@ -40,6 +41,14 @@ kernel, outside both the events and the host timing; the wall-time loop of a
 fresh-grads row cycles through three gradient sets allocated beforehand, so its
 wall ms includes handing each set over (setting .grad) but no allocation.
 
+Output: every row as soon as it is measured, to stdout (flushed) and to the
+folder --out (default $OUT, else benchmarks/results): one JSON line appended to
+gpu_step_rows.jsonl, and gpu_step.md (a markdown table of the rows so far),
+gpu_step.txt (the report) and gpu_step.json (all numbers) rewritten, so a run
+cut short keeps every row it measured. --budget-s: a row starts only while at
+least the longest row of its part so far fits in what is left; the others are
+recorded as skipped, with a line saying so.
+
 Targets on H100 (reported, not asserted): (a) >= 85% of copy bandwidth with
 32-bit state, >= 80% with 8-bit; (b) a LARS step <= 1.5x fused SGD and >= 5x
 faster than eager LARS.
@@ -50,6 +59,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -58,7 +68,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import cycle
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -79,6 +89,9 @@ HP = {
 DEVICE = "cuda"
 # Row-name suffix of the variant with new gradient tensors before every step.
 FRESH = ", fresh grads"
+# What the run writes under its folder (see the module docstring).
+ROWS_JSONL, ROWS_MD = "gpu_step_rows.jsonl", "gpu_step.md"
+REPORT_TXT, RESULTS_JSON = "gpu_step.txt", "gpu_step.json"
 
 
 #: The rows of the ResNet-50 table (b), in print order, per storage format.
@@ -94,6 +107,127 @@ RESNET_ROWS = (
     "optim.LARS32bit",
     "optim.LARS8bit",
 )
+
+
+# ---- recording: each row as soon as it is measured ----------------------------------------------
+class Budget:
+    """What is left of ``seconds`` (None: no limit) from its creation, on ``clock``."""
+
+    def __init__(self, seconds: float | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.end = math.inf if seconds is None else clock() + seconds
+
+    def left(self) -> float:
+        return self.end - self.clock()
+
+
+class Recorder:
+    """Measures rows within a :class:`Budget` and writes each as soon as it is known.
+
+    Each row goes to ``out`` (stdout, flushed) and, when ``folder`` is given, is
+    appended to its ROWS_JSONL as one JSON line, after which ROWS_MD, REPORT_TXT
+    and RESULTS_JSON are rewritten from everything so far. A row starts only if
+    what is left of the budget covers the longest row of its section so far (a
+    first row always fits while time is left); otherwise it is recorded as skipped.
+    """
+
+    def __init__(self, results: dict, folder: Path | None, budget: Budget, out: TextIO | None = None) -> None:
+        self.results = results
+        self.folder = folder
+        self.budget = budget
+        self.out = out
+        self.records: list[dict] = []
+        self.longest: dict[str, float] = {}
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / ROWS_JSONL).write_text("")  # this run's rows only
+
+    def row(self, table: dict, section: str, key: str, measure: Callable[[], dict]) -> dict:
+        """``measure()`` (its fields, or its error) as ``table[key]``, unless out of time."""
+        estimate, left = self.longest.get(section, 0.0), self.budget.left()
+        if left <= 0 or left < estimate:
+            why = f"time limit: {max(left, 0):.0f} s left, a {section} row took {estimate:.0f} s"
+            row: dict = {"skipped": why}
+        else:
+            start = self.budget.clock()
+            try:
+                row = measure()
+            except Exception as e:
+                row = {"error": _err(e)}
+            row["seconds"] = self.budget.clock() - start
+            self.longest[section] = max(estimate, row["seconds"])
+        table[key] = row
+        self.record(section, key, row)
+        return row
+
+    def record(self, section: str, key: str, row: dict) -> None:
+        record = {"section": section, "row": key, **row}
+        self.records.append(record)
+        print(row_line(record), file=self.out or sys.stdout, flush=True)
+        if self.folder is None:
+            return
+        with open(self.folder / ROWS_JSONL, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+        self.write_tables()
+
+    def write_tables(self) -> None:
+        if self.folder is None:
+            return
+        (self.folder / ROWS_MD).write_text(markdown_table(self.records))
+        (self.folder / REPORT_TXT).write_text(report(self.results) + "\n")
+        (self.folder / RESULTS_JSON).write_text(json.dumps(self.results, indent=2, default=str))
+
+
+def _fields(record: dict) -> list[tuple[str, str]]:
+    """(column, text) of the numbers a record holds, in table order."""
+    out = []
+    for field, label, fmt in (
+        ("ms", "gpu ms", "{:.3f}"),
+        ("wall_ms", "wall ms", "{:.3f}"),
+        ("host_us_per_tensor", "host us/tensor", "{:.2f}"),
+        ("gbps", "GB/s", "{:.0f}"),
+        ("gbps_minimal", "GB/s min", "{:.0f}"),
+        ("gbps_two_pass", "GB/s 2-pass", "{:.0f}"),
+        ("max_diff_relative_to_update", "max diff / update", "{:.1e}"),
+    ):
+        if isinstance(record.get(field), (int, float)):
+            out.append((label, fmt.format(record[field])))
+    return out
+
+
+def _note(record: dict) -> str:
+    if "error" in record:
+        return f"error: {record['error']}"
+    if "skipped" in record:
+        return f"skipped ({record['skipped']})"
+    if "agrees" in record:
+        return "agrees" if record["agrees"] else "DISAGREES"
+    return str(record.get("backend", ""))
+
+
+def row_line(record: dict) -> str:
+    """One line for stdout: the section, the row, its numbers or what went wrong."""
+    parts = [f"{label} {text}" for label, text in _fields(record)]
+    if "seconds" in record:
+        parts.append(f"{record['seconds']:.1f} s")
+    note = _note(record)
+    return f"row {record['section']} | {record['row']}: " + ", ".join(parts + ([note] if note else []))
+
+
+def markdown_table(records: list[dict]) -> str:
+    """The records so far as one markdown table."""
+    columns = ["gpu ms", "wall ms", "host us/tensor", "GB/s", "GB/s min", "GB/s 2-pass", "max diff / update"]
+    lines = [
+        "| section | row | " + " | ".join(columns) + " | s | note |",
+        "| --- | --- | " + " | ".join("---:" for _ in columns) + " | ---: | --- |",
+    ]
+    for record in records:
+        values = dict(_fields(record))
+        cells = [record["section"], record["row"], *(values.get(c, "") for c in columns)]
+        cells.append(f"{record['seconds']:.1f}" if "seconds" in record else "")
+        cells.append(_note(record).replace("|", "/"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
@@ -215,54 +349,54 @@ def _as_bf16_bits(cp: Any, x32: Any) -> Any:
 
 
 # ---- (a) one large tensor ------------------------------------------------------------------------
-def bench_large(cp: Any, timer: Timer, n: int, runs: int, results: dict) -> None:
+def bench_large(cp: Any, timer: Timer, n: int, runs: int, recorder: Recorder) -> None:
+    rows = recorder.results.setdefault("large", {})
+    for key, measure in (
+        ("copy", lambda: _large_copy(cp, timer, n, runs)),
+        ("lars_32bit", lambda: _large_lars(cp, timer, n, runs, 32)),
+        ("lars_8bit", lambda: _large_lars(cp, timer, n, runs, 8)),
+    ):
+        recorder.row(rows, "large", key, measure)
+        _free(cp)  # the row's arrays died with its measurement (or its error, once recorded)
+
+
+def _large_copy(cp: Any, timer: Timer, n: int, runs: int) -> dict:
+    nbytes = n * 4
+    src, dst = _random(cp, n, 1.0, 0), cp.empty(n, dtype=cp.float32)
+
+    def copy() -> None:
+        stream = cp.cuda.get_current_stream().ptr
+        cp.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, nbytes, 3, stream)  # 3: device to device
+
+    ms = timer.device_ms(copy, runs, 3)
+    return {"ms": ms, "gbps": 2 * nbytes / ms / 1e6}
+
+
+def _large_lars(cp: Any, timer: Timer, n: int, runs: int, bits: int) -> dict:
     from cupylars import functional as F
 
-    rows = results.setdefault("large", {})
-    nbytes = n * 4
-    try:
-        buffers = [_random(cp, n, 1.0, 0), cp.empty(n, dtype=cp.float32)]
+    p = _random(cp, n, 0.02, 1)
+    g = _random(cp, n, 1e-3, 2)
+    state = F.init_state(p, optim_bits=bits)
 
-        def copy(src: Any = buffers[0], dst: Any = buffers[1]) -> None:
-            stream = cp.cuda.get_current_stream().ptr
-            cp.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, nbytes, 3, stream)  # 3: device to device
+    def step() -> None:
+        F.lars_update(p, g, state, **HP)
 
-        ms = timer.device_ms(copy, runs, 3)
-        rows["copy"] = {"ms": ms, "gbps": 2 * nbytes / ms / 1e6}
-        del buffers, copy
-    except Exception as e:
-        rows["copy"] = {"error": _err(e)}
-    _free(cp)
-
-    for bits in (32, 8):
-        key = f"lars_{bits}bit"
-        try:
-            p = _random(cp, n, 0.02, 1)
-            g = _random(cp, n, 1e-3, 2)
-            state = F.init_state(p, optim_bits=bits)
-
-            def step(p=p, g=g, state=state) -> None:
-                F.lars_update(p, g, state, **HP)
-
-            ms = timer.device_ms(step, runs, 3)
-            if bits == 32:
-                minimal = n * (4 + 4 + 4) + n * (4 + 4)  # read p g m, write p m
-                two_pass = minimal + n * 12  # the statistics pass reads p g m
-            else:
-                scales = 4 * math.ceil(n / 256)
-                minimal = n * (4 + 4 + 1) + scales + n * (4 + 1) + scales
-                two_pass = minimal + n * 9 + scales
-            rows[key] = {
-                "ms": ms,
-                "wall_ms": timer.wall_ms(step, max(3, runs // 4)),
-                "gbps_minimal": minimal / ms / 1e6,
-                "gbps_two_pass": two_pass / ms / 1e6,
-                "finite": bool(cp.isfinite(p[:: max(1, n // 4096)]).all()),
-            }
-        except Exception as e:
-            rows[key] = {"error": _err(e)}
-        p = g = state = step = None  # drop every reference before freeing the pool
-        _free(cp)
+    ms = timer.device_ms(step, runs, 3)
+    if bits == 32:
+        minimal = n * (4 + 4 + 4) + n * (4 + 4)  # read p g m, write p m
+        two_pass = minimal + n * 12  # the statistics pass reads p g m
+    else:
+        scales = 4 * math.ceil(n / 256)
+        minimal = n * (4 + 4 + 1) + scales + n * (4 + 1) + scales
+        two_pass = minimal + n * 9 + scales
+    return {
+        "ms": ms,
+        "wall_ms": timer.wall_ms(step, max(3, runs // 4)),
+        "gbps_minimal": minimal / ms / 1e6,
+        "gbps_two_pass": two_pass / ms / 1e6,
+        "finite": bool(cp.isfinite(p[:: max(1, n // 4096)]).all()),
+    }
 
 
 # ---- (b) ResNet-50 -------------------------------------------------------------------------------
@@ -360,54 +494,72 @@ class Row:
     details: Callable[[], dict] = dict
 
 
-def _time_row(
-    cp: Any,
-    timer: Timer,
-    rows: dict,
-    key: str,
-    make_row: Callable[[], Row],
-    runs: int,
-    tensors: int,
-    fresh: bool = False,
-) -> None:
-    """Build a row (allocating its data), time it, record it or the error.
+def _time_row(timer: Timer, row: Row, runs: int, tensors: int, fresh: bool = False) -> dict:
+    """Time a row; its fields. Its data dies with this call (the caller then frees the pool).
 
     ``fresh``: new gradients before every step (allocated outside the timed
     region); the wall-time loop cycles through three sets allocated beforehand.
     """
-    t0 = time.perf_counter()
-    row = before = pool = None
-    try:
-        row = make_row()
-        if fresh:
-            before = lambda r=row: r.use_grads(r.new_grads())  # noqa: E731
-        host: list[float] = []
-        ms = timer.device_ms(row.step, runs, 5, before=before, host_ms=host)
-        if fresh:
-            pool = cycle([row.new_grads() for _ in range(3)])
-            before = lambda r=row, p=pool: r.use_grads(next(p))  # noqa: E731
-        wall = timer.wall_ms(row.step, runs, before=before)
-        host_ms = statistics.median(host)
-        rows[key] = {
-            "ms": ms,
-            "wall_ms": wall,
-            "host_ms": host_ms,
-            "host_us_per_tensor": host_ms * 1e3 / tensors,
-            # the spin ran out before the host had queued the step: the GPU idled inside the events
-            "host_over_spin": host_ms > timer.spin_ms,
-            "runs": runs,
-            **row.details(),
-        }
-    except Exception as e:
-        rows[key] = {"error": _err(e)}
-    row = before = pool = None  # drop every reference before freeing the pool
-    _free(cp)
-    rows[key]["seconds"] = time.perf_counter() - t0
+    before = (lambda: row.use_grads(row.new_grads())) if fresh else None
+    host: list[float] = []
+    ms = timer.device_ms(row.step, runs, 5, before=before, host_ms=host)
+    if fresh:
+        pool = cycle([row.new_grads() for _ in range(3)])
+        before = lambda: row.use_grads(next(pool))  # noqa: E731
+    wall = timer.wall_ms(row.step, runs, before=before)
+    host_ms = statistics.median(host)
+    return {
+        "ms": ms,
+        "wall_ms": wall,
+        "host_ms": host_ms,
+        "host_us_per_tensor": host_ms * 1e3 / tensors,
+        # the spin ran out before the host had queued the step: the GPU idled inside the events
+        "host_over_spin": host_ms > timer.spin_ms,
+        "runs": runs,
+        **row.details(),
+    }
 
 
-def bench_resnet(cp: Any, timer: Timer, runs: int, results: dict, compiled: bool = True) -> None:
+@dataclass(frozen=True)
+class PlannedRow:
+    """One row of (b): ``kind`` is "cupylars", "sgd", "eager", "foreach", "compiled",
+    "LARS32bit" or "LARS8bit"; ``bits`` the state bits of a cupylars row, or for an
+    "sgd" row the cupylars row whose bytes it moves (None: plain fused SGD)."""
+
+    key: str
+    kind: str
+    fmt: str
+    bits: int | None = None
+    fresh: bool = False
+    runs: int | None = None
+
+
+def resnet_plan(with_torch: bool, compiled: bool, runs: int) -> list[PlannedRow]:
+    """The rows of (b) in the order they run; torch.compile rows only with ``compiled``."""
+    plan: list[PlannedRow] = []
+    variants = (("", False), (FRESH, True))
+    for fmt in ("float32", "bfloat16"):
+        for bits in (32, 8):
+            key = f"{fmt} cupylars {bits}-bit"
+            plan += [PlannedRow(key + v, "cupylars", fmt, bits, f) for v, f in variants]
+        if not with_torch:
+            continue
+        plan += [PlannedRow(f"{fmt} torch SGD fused{v}", "sgd", fmt, None, f) for v, f in variants]
+        plan += [PlannedRow(f"{fmt} torch SGD fused, {b}-bit bytes", "sgd", fmt, b) for b in (32, 8)]
+        # eager LARS launches ~15 kernels per tensor: fewer runs keep the benchmark short
+        plan.append(PlannedRow(f"{fmt} torch eager LARS", "eager", fmt, runs=max(5, runs // 3)))
+        plan.append(PlannedRow(f"{fmt} torch foreach LARS", "foreach", fmt))
+        if compiled:
+            plan.append(PlannedRow(f"{fmt} torch.compile LARS", "compiled", fmt))
+        for name in ("LARS32bit", "LARS8bit"):
+            plan += [PlannedRow(f"{fmt} optim.{name}{v}", name, fmt, fresh=f) for v, f in variants]
+    return plan
+
+
+def bench_resnet(cp: Any, timer: Timer, runs: int, recorder: Recorder, compiled: bool = False) -> None:
     from cupylars import functional as F
 
+    results = recorder.results
     shapes = resnet50_shapes()
     sizes = [int(np.prod(s)) for s in shapes]
     tensors = len(shapes)
@@ -493,32 +645,22 @@ def bench_resnet(cp: Any, timer: Timer, runs: int, results: dict, compiled: bool
 
         return Row(step, lambda: None, lambda new: None)
 
-    def time_row(key: str, make: Callable[[], Row], n: int = runs, fresh: bool = False) -> None:
-        _time_row(cp, timer, rows, key, make, n, tensors, fresh)
-
-    for fmt in ("float32", "bfloat16"):
-        for bits in (32, 8):
-            for variant in ("", FRESH):
-                make = lambda f=fmt, b=bits: cupylars_row(f, b)  # noqa: E731
-                time_row(f"{fmt} cupylars {bits}-bit{variant}", make, fresh=bool(variant))
-        if torch is None:
-            continue
+    def make(planned: PlannedRow) -> Row:
+        fmt, bits, kind = planned.fmt, planned.bits, planned.kind
+        if kind == "cupylars":
+            assert bits is not None
+            return cupylars_row(fmt, bits)
         tdtype = torch.float32 if fmt == "float32" else torch.bfloat16
-        for variant in ("", FRESH):
-            time_row(f"{fmt} torch SGD fused{variant}", lambda t=tdtype: sgd_row(t), fresh=bool(variant))
-        for bits in (32, 8):
-            ratio = CUPYLARS_BYTES[(fmt, bits)] / SGD_BYTES[fmt]
-            make = lambda t=tdtype, r=ratio: sgd_row(t, r)  # noqa: E731
-            time_row(f"{fmt} torch SGD fused, {bits}-bit bytes", make)
-        # eager LARS launches ~15 kernels per tensor: fewer runs keep the benchmark short
-        time_row(f"{fmt} torch eager LARS", lambda t=tdtype: eager_row(t), max(5, runs // 3))
-        time_row(f"{fmt} torch foreach LARS", lambda t=tdtype: eager_row(t, "foreach"))
-        if compiled:
-            time_row(f"{fmt} torch.compile LARS", lambda t=tdtype: eager_row(t, "compiled"))
-        for name in ("LARS32bit", "LARS8bit"):
-            for variant in ("", FRESH):
-                make = lambda n=name, t=tdtype: adapter_row(n, t)  # noqa: E731
-                time_row(f"{fmt} optim.{name}{variant}", make, fresh=bool(variant))
+        if kind == "sgd":
+            return sgd_row(tdtype, 1.0 if bits is None else CUPYLARS_BYTES[(fmt, bits)] / SGD_BYTES[fmt])
+        if kind in ("eager", "foreach", "compiled"):
+            return eager_row(tdtype, kind)
+        return adapter_row(kind, tdtype)
+
+    for planned in resnet_plan(torch is not None, compiled, runs):
+        measure = lambda p=planned: _time_row(timer, make(p), p.runs or runs, tensors, p.fresh)  # noqa: E731
+        recorder.row(rows, "resnet50", planned.key, measure)
+        _free(cp)  # the row's tensors died with its measurement (or its error, once recorded)
 
 
 def run_torch_lars(
@@ -551,33 +693,35 @@ def _torch_lars_step(
             first[0] = False
 
 
-def check_eager_matches(cp: Any, results: dict, compiled: bool = True) -> None:
+def check_eager_matches(cp: Any, recorder: Recorder, compiled: bool = False) -> None:
     """The torch LARS rows time the same algorithm: three steps of each on the same data."""
-    try:
+    shapes = [(64, 3, 7, 7), (64,), (256, 64, 1, 1), (1000, 2048)]
+    rng = np.random.default_rng(0)
+    p_host = [rng.standard_normal(s).astype(np.float32) * 0.05 for s in shapes]
+    g_host = [rng.standard_normal(s).astype(np.float32) * 1e-3 for s in shapes]
+    expected: list[np.ndarray] = []  # cupylars' three steps, made by the first check
+
+    def compare(kind: str) -> dict:
         import torch
 
         from cupylars import functional as F
 
-        shapes = [(64, 3, 7, 7), (64,), (256, 64, 1, 1), (1000, 2048)]
-        rng = np.random.default_rng(0)
-        p_host = [rng.standard_normal(s).astype(np.float32) * 0.05 for s in shapes]
-        g_host = [rng.standard_normal(s).astype(np.float32) * 1e-3 for s in shapes]
-        params = [cp.asarray(p) for p in p_host]
-        states = [F.init_state(p) for p in params]
-        for _ in range(3):
-            F.lars_update_many(params, [cp.asarray(g) for g in g_host], states, **HP)
+        if not expected:
+            params = [cp.asarray(p) for p in p_host]
+            states = [F.init_state(p) for p in params]
+            for _ in range(3):
+                F.lars_update_many(params, [cp.asarray(g) for g in g_host], states, **HP)
+            expected.extend(cp.asnumpy(a) for a in params)
         tparams = [torch.tensor(p, device=DEVICE) for p in p_host]
         tgrads = [torch.tensor(g, device=DEVICE) for g in g_host]
-        kinds = ("eager", "foreach", "compiled") if compiled else ("eager", "foreach")
-        for kind in kinds:
-            worst = 0.0
-            for a, t, p0 in zip(params, run_torch_lars(torch, kind, tparams, tgrads, 3), p_host):
-                moved = np.abs(cp.asnumpy(a) - p0).max()
-                worst = max(worst, float(np.abs(cp.asnumpy(a) - t.cpu().numpy()).max() / max(moved, 1e-30)))
-            key = "eager_check" if kind == "eager" else f"{kind}_check"
-            results[key] = {"max_diff_relative_to_update": worst, "agrees": worst < 1e-3}
-    except Exception as e:
-        results["eager_check"] = {"error": _err(e)}
+        worst = 0.0
+        for want, got, p0 in zip(expected, run_torch_lars(torch, kind, tparams, tgrads, 3), p_host):
+            moved = np.abs(want - p0).max()
+            worst = max(worst, float(np.abs(want - got.cpu().numpy()).max() / max(moved, 1e-30)))
+        return {"max_diff_relative_to_update": worst, "agrees": worst < 1e-3}
+
+    for kind in ("eager", "foreach", "compiled") if compiled else ("eager", "foreach"):
+        recorder.row(recorder.results, "check", f"{kind}_check", lambda k=kind: compare(k))
 
 
 # ---- report ---------------------------------------------------------------------------------------
@@ -586,6 +730,15 @@ def _err(e: BaseException) -> str:
     print(f"  ! {detail}", file=sys.stderr)
     traceback.print_exc(file=sys.stderr)
     return detail
+
+
+def _not_measured(row: dict) -> str | None:
+    """What a row without numbers says instead: its error, or why it was skipped."""
+    if "error" in row:
+        return f"error: {row['error']}"
+    if "skipped" in row:
+        return f"skipped ({row['skipped']})"
+    return None
 
 
 def _cell(row: dict | None, field: str, fmt: str = "{:.3f}") -> str:
@@ -606,15 +759,15 @@ def report(results: dict) -> str:
         head = f"{'ms':>8s} {'GB/s min':>9s} {'% copy':>7s} {'GB/s 2-pass':>11s} {'% copy':>7s}"
         lines.append(f"    {'':24s} {head}")
         name = "device-to-device copy"
-        if "error" in copy:
-            lines.append(f"    {name:24s} error: {copy['error']}")
+        if _not_measured(copy):
+            lines.append(f"    {name:24s} {_not_measured(copy)}")
         elif copy:
             lines.append(f"    {name:24s} {copy['ms']:8.3f} {copy['gbps']:9.0f} {100:6.0f}%")
         for bits, target in ((32, 85), (8, 80)):
             row = large.get(f"lars_{bits}bit", {})
             name = f"cupylars {bits}-bit state"
-            if "error" in row or not row:
-                lines.append(f"    {name:24s} error: {row.get('error', 'not run')}")
+            if not row or _not_measured(row):
+                lines.append(f"    {name:24s} {_not_measured(row) or 'not run'}")
                 continue
             pct = (lambda bw: f"{100 * bw / copy_bw:6.0f}%") if copy_bw else (lambda bw: "      -")
             lines.append(
@@ -646,8 +799,8 @@ def report(results: dict) -> str:
                     label = f"{fmt} {name}{variant}"
                     if row is None:
                         continue
-                    if "error" in row:
-                        lines.append(f"    {label:{width}s} error: {row['error']}")
+                    if _not_measured(row):
+                        lines.append(f"    {label:{width}s} {_not_measured(row)}")
                         continue
                     sgd = rows.get(f"{fmt} torch SGD fused{variant}", {}).get("ms")  # same gradients
                     vs_sgd = f"{row['ms'] / sgd:10.2f}x" if sgd else "          -"
@@ -682,8 +835,8 @@ def report(results: dict) -> str:
         check = results.get(f"{kind}_check")
         if check is None:
             continue
-        if "error" in check:
-            lines.append(f"{kind} LARS vs cupylars check: error: {check['error']}")
+        if _not_measured(check):
+            lines.append(f"{kind} LARS vs cupylars check: {_not_measured(check)}")
         else:
             verdict = "agree" if check["agrees"] else "DISAGREE"
             lines.append(
@@ -693,7 +846,7 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -704,20 +857,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-large", action="store_true", help="skip (a)")
     parser.add_argument("--skip-resnet", action="store_true", help="skip (b)")
     parser.add_argument(
-        "--skip-compile", action="store_true", help="skip the torch.compile LARS rows of (b)"
+        "--compile",
+        action="store_true",
+        help="add the torch.compile LARS rows of (b) and their check (compiling takes minutes)",
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes and few runs (a smoke test)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "benchmarks" / "results",
+        help="folder of the rows, the table and the numbers, written as measured "
+        "(default: $OUT, else benchmarks/results)",
     )
     parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="small sizes and few runs, no torch.compile rows (a smoke test)",
+        "--budget-s", type=float, help="seconds for the whole run: rows that would not fit are skipped"
     )
-    parser.add_argument("--json", type=Path, help="write all numbers here")
-    parser.add_argument("--report", type=Path, help="write the table here too")
+    parser.add_argument("--json", type=Path, help="also write all numbers here at the end")
+    parser.add_argument("--report", type=Path, help="also write the table here at the end")
     args = parser.parse_args(argv)
     if args.quick:
         args.runs, args.large_elements = 5, 2**22
-        args.skip_compile = True  # compiling 161 tensors' step takes minutes
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    budget = Budget(args.budget_s)
     try:
         import cupy as cp
 
@@ -743,16 +908,19 @@ def main(argv: list[str] | None = None) -> int:
         results["torch"] = torch.__version__
     except Exception:
         pass
+    recorder = Recorder(results, args.out, budget)
+    print(f"gpu_step: rows as measured in {args.out}", flush=True)
     timer = Timer(cp, args.flush_mib, args.spin_ms)
     t0 = time.perf_counter()
     if not args.skip_large:
         print("(a) large tensor ...", flush=True)
-        bench_large(cp, timer, args.large_elements, args.runs, results)
+        bench_large(cp, timer, args.large_elements, args.runs, recorder)
     if not args.skip_resnet:
         print("(b) ResNet-50 ...", flush=True)
-        bench_resnet(cp, timer, args.runs, results, compiled=not args.skip_compile)
-        check_eager_matches(cp, results, compiled=not args.skip_compile)
+        bench_resnet(cp, timer, args.runs, recorder, compiled=args.compile)
+        check_eager_matches(cp, recorder, compiled=args.compile)
     results["seconds"] = time.perf_counter() - t0
+    recorder.write_tables()
 
     table = report(results)
     if args.json:

@@ -45,8 +45,12 @@ def storage_format(tensor: torch.Tensor, name: str = "parameter") -> str:
     try:
         return _FORMATS[tensor.dtype]
     except KeyError:
+        # float64 is refused rather than stepped in float32 (the step's arithmetic), which
+        # would quietly void the float64 numerics it is usually chosen for.
+        cast = " (cast it to float32, e.g. model.float(); see docs/torch.md, float64 parameters)"
         raise TypeError(
             f"{name} has dtype {tensor.dtype}: LARS updates float32, float16 and bfloat16 tensors"
+            + (cast if tensor.dtype == torch.float64 else "")
         ) from None
 
 

@@ -314,11 +314,19 @@ def _import_sharded(param: Any, saved: Mapping[str, Any], *, label: str) -> dict
 def import_param_group(saved: Mapping[str, Any], current: Mapping[str, Any], *, label: str) -> dict[str, Any]:
     """A saved param group merged over the current one (the current ``params`` are kept).
 
-    Hyperparameters missing from ``saved`` keep their current values.
-    bitsandbytes' ``betas`` is its ``(momentum, dampening)``; its ``eps`` is
-    unused by its LARS and is not taken (ours is the trust-ratio epsilon).
+    Hyperparameters missing from ``saved`` keep their current values; so do the
+    current ``param_names`` where ``saved`` has none (saved names win, as in
+    torch). bitsandbytes' ``betas`` is its ``(momentum, dampening)``; its ``eps``
+    is unused by its LARS and is not taken (ours is the trust-ratio epsilon).
     """
-    saved = {k: v for k, v in saved.items() if k not in ("params", "param_names")}
+    saved = {k: v for k, v in saved.items() if k != "params"}
+    names = saved.get("param_names")
+    if names is not None and len(names) != len(current["params"]):
+        # The step and skipped_steps() label parameters by these names, one each.
+        raise ValueError(
+            f"{label}: the loaded param_names hold {len(names)} name(s) for the group's "
+            f"{len(current['params'])} parameters"
+        )
     if "betas" in saved:
         betas = saved.pop("betas")
         saved.pop("eps", None)

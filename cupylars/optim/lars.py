@@ -301,8 +301,9 @@ class LARS(Optimizer):
         label = f"param group {len(self.param_groups) - 1}"
         try:
             _group_config(group, None, label)
+            names = group.get("param_names")
             for i, p in enumerate(group["params"]):
-                bridge.storage_format(p, f"{label} parameter {i}")
+                bridge.storage_format(p, f"parameter {names[i]!r}" if names else f"{label} parameter {i}")
                 if p.is_sparse:
                     raise TypeError(f"{label} parameter {i} is sparse; LARS updates dense tensors")
         except Exception:
@@ -311,6 +312,9 @@ class LARS(Optimizer):
 
     # -- the step --------------------------------------------------------------------
 
+    # NumPy, CuPy and the native library are opaque to dynamo: under torch.compile the
+    # step is a graph break and runs eagerly (as torch.optim's load_state_dict does).
+    @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step.
@@ -1020,11 +1024,12 @@ def _run(
             F.lars_update_many([param], [grad], [state], config=cfg, dtype=dtype)
 
 
-def _scalar(label: str, key: str, value: Any) -> Any:
-    # A scheduler may hold lr as a tensor; the step needs a number.
+def _scalar(key: str, value: Any) -> Any:
+    # A scheduler may hold lr as a tensor; the step needs a number. (The caller adds the
+    # group's label; the message starts as torch.optim's.)
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"{label}: {key} must be a number, got a tensor of shape {tuple(value.shape)}")
+            raise ValueError(f"Tensor {key} must be 1-element, got a tensor of shape {tuple(value.shape)}")
         return value.item()
     return value
 
@@ -1048,7 +1053,12 @@ def _device_lr(group: dict[str, Any], override: dict[str, Any] | None) -> torch.
 
 
 def _check_device_lr(label: str, lr: torch.Tensor) -> None:
-    if lr.numel() != 1 or lr.dtype not in (torch.float32, torch.float64):
+    if lr.numel() != 1:
+        raise ValueError(
+            f"{label}: Tensor lr must be 1-element, got a tensor of shape {tuple(lr.shape)} (a "
+            "capturable group's lr tensor must hold one float32 or float64 element)"
+        )
+    if lr.dtype not in (torch.float32, torch.float64):
         raise ValueError(
             f"{label}: a tensor lr of a capturable group must hold one float32 or float64 element "
             f"(the kernels read it from device memory), got {lr.dtype} of shape {tuple(lr.shape)}"
@@ -1077,7 +1087,7 @@ def _group_config(
     try:
         optim_bits = validate_optim_bits(values.pop("optim_bits"))
         min_8bit_size = validate_min_8bit_size(values.pop("min_8bit_size"))
-        cfg = LarsConfig(**{k: _scalar(label, k, v) for k, v in values.items()})
+        cfg = LarsConfig(**{k: _scalar(k, v) for k, v in values.items()})
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{label}: {exc}") from None
     foreach = group.get("foreach")
