@@ -23,7 +23,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PUBLIC_MODULES = ["cupylars", "cupylars.functional", "cupylars.optim", "cupylars.testing", "cupylars.backends"]
+PUBLIC_MODULES = [
+    "cupylars", "cupylars.functional", "cupylars.optim", "cupylars.testing", "cupylars.backends"
+]
 # Classes the public functions return, documented beside them, and their members for users
 # (the others are the backends' bookkeeping).
 RETURNED_CLASSES = {"cupylars.batch.PreparedBatch": ["backend", "update", "holds_for", "size", "captured"]}
@@ -110,7 +112,8 @@ def _documented(path: str, value: object) -> bool:
         owner = getattr(importlib.import_module(owner_module), owner_name)
     except (ImportError, AttributeError):
         return False
-    return inspect.isclass(owner) and re.search(rf"\b{name}\b", owner.__dict__.get("__doc__") or "") is not None
+    doc = owner.__dict__.get("__doc__") or "" if inspect.isclass(owner) else ""
+    return re.search(rf"\b{name}\b", doc) is not None
 
 
 def test_every_public_name_has_a_docstring():
@@ -158,7 +161,7 @@ def test_every_environment_variable_read_is_documented():
     first_cells = re.findall(r"^\| ([^|]*) \|", page, flags=re.M)
     listed = {name for cell in first_cells for name in re.findall(r"`([A-Z_][A-Z0-9_]*)`", cell)}
     read = _variables_read()
-    assert {"CUPYLARS_BACKEND", "CUPYLARS_CXXFLAGS", "CUDA_HOME", "GPU_CHECK_QUICK"} <= set(read)  # the scan works
+    assert {"CUPYLARS_BACKEND", "CUPYLARS_CXXFLAGS", "CUDA_HOME", "GPU_CHECK_QUICK"} <= set(read)  # it scans
     missing = {name: where for name, where in read.items() if name not in listed}
     assert not missing, f"environment variables read but not in docs/environment.md: {missing}"
 
