@@ -2,6 +2,7 @@
 #   make demo   - install cupylars with torch and run the training demo (the main job)
 #   make test   - install the test dependencies and run the whole test suite
 #   make lint   - ruff and mypy
+#   make docs   - build the documentation site (narrative pages and API reference) into site/
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test lint gpu-check clean
+.PHONY: demo test lint docs gpu-check clean
 
 $(VENV)/.base: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +29,7 @@ $(VENV)/.demo: $(VENV)/.base
 CUPY13_SPEC ?= "cupy-cuda12x==13.6.0" "fastrlock>=0.5"
 
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) -e ".[torch,test,compile]" $(TORCH_SPEC)
+	$(PIP) -e ".[torch,test,compile,docs]" $(TORCH_SPEC)
 	rm -rf $(VENV)/cupy13
 	$(PIP) --no-deps --target $(VENV)/cupy13 $(CUPY13_SPEC)
 	touch $@
@@ -41,6 +42,10 @@ test: $(VENV)/.test
 	$(PY) -m mypy
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The docs extra comes with the test set-up (tests/test_docs.py builds the site strictly).
+docs: $(VENV)/.test
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 lint: $(VENV)/.test
 	$(PY) -m ruff check .
 	$(PY) -m mypy
@@ -50,4 +55,4 @@ gpu-check:
 	bash scripts/gpu_check
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build site *.egg-info .pytest_cache .hypothesis

@@ -11,6 +11,7 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
+"""The package version (PEP 440), also the wheel's."""
 __all__ = ["__version__", "functional", "optim", "testing"]
 
 

@@ -37,13 +37,20 @@ if TYPE_CHECKING:
 
 __all__ = ["BACKEND_NAMES", "Backend", "ReferenceBackend", "select", "use"]
 
-#: What ``backend=`` and ``CUPYLARS_BACKEND`` accept.
 BACKEND_NAMES = ("auto", "reference", "cpu", "cuda")
+"""What ``backend=`` and ``CUPYLARS_BACKEND`` accept (``auto``: the default choice)."""
 
 
 @runtime_checkable
 class Backend(Protocol):
-    """A way to run :func:`cupylars.functional.lars_update_many` on validated tensors."""
+    """A way to run :func:`cupylars.functional.lars_update_many` on validated tensors.
+
+    Attributes:
+        name: ``'reference'``, ``'cpu'``, ``'cuda'`` or ``'emulated-cuda'``.
+        reason: why this backend updates these arrays (what :func:`select` saw).
+        takes_addresses: whether ``update_many`` accepts gradient addresses instead of
+            arrays.
+    """
 
     name: str  # "reference", "cpu", "cuda" or "emulated-cuda"
     reason: str  # why this backend updates these arrays
@@ -65,7 +72,13 @@ class Backend(Protocol):
 
 
 class ReferenceBackend:
-    """The NumPy reference: the specification, one tensor at a time."""
+    """The NumPy reference: the specification, one tensor at a time.
+
+    Attributes:
+        name: ``'reference'``.
+        reason: why it was chosen (asked for, or the native backend is unavailable).
+        takes_addresses: False: it needs gradient arrays.
+    """
 
     name = "reference"
     takes_addresses = False
@@ -85,6 +98,7 @@ class ReferenceBackend:
         batch: PreparedBatch,
         grad_addresses: Sequence[int] | None = None,
     ) -> None:
+        """One step of the batch, tensor by tensor (see :meth:`Backend.update_many`)."""
         if grads is None:
             raise TypeError("the reference backend needs gradient arrays, not addresses")
         allocating = cfg.uses_momentum and not batch.has_momentum

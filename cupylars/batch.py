@@ -145,7 +145,11 @@ class PreparedBatch:
     """Params and states validated together, and what their backend derived from them.
 
     Make it with :func:`prepare` (or let :func:`~cupylars.functional.lars_update_many`
-    make and remember one); step it with :meth:`update`.
+    make and remember one); step it with :meth:`update`. The other fields are the
+    backend's bookkeeping.
+
+    Attributes:
+        backend: the backend the batch is bound to (its ``reason`` says why).
     """
 
     backend: Backend
@@ -184,6 +188,7 @@ class PreparedBatch:
 
     @property
     def size(self) -> int:
+        """Tensors in the batch."""
         return len(self.versions)
 
     def holds_for(self, params: Sequence[Any], states: Sequence[Any]) -> bool:

@@ -25,6 +25,7 @@ __all__ = [
 #: of the step first and raises :func:`nonfinite_error` before anything is written;
 #: ``propagate`` applies the step as it comes.
 NONFINITE_POLICIES = ("skip", "raise", "propagate")
+"""What ``nonfinite=`` accepts: ``skip`` (the default), ``raise`` or ``propagate``."""
 
 
 def nonfinite_error(where: Sequence[int] | Sequence[str]) -> FloatingPointError:
@@ -85,7 +86,23 @@ class LarsConfig:
 
     Construction validates and normalises every field (floats become ``float``,
     ``percentile_clipping`` an ``int``); an invalid value raises ``TypeError`` or
-    ``ValueError`` naming the argument.
+    ``ValueError`` naming the argument. The fields are the keyword arguments of
+    :func:`cupylars.functional.lars_update`, with the same defaults.
+
+    Attributes:
+        lr: learning rate, >= 0 (required).
+        momentum: mu in [0, 1); 0 keeps no momentum state.
+        dampening: delta in [0, 1): the new direction enters the momentum times 1 - delta.
+        weight_decay: lambda >= 0, coupled L2 decay (``g + lambda p``).
+        nesterov: Nesterov momentum; needs momentum > 0 and dampening 0.
+        max_unorm: cap on ||update|| / ||param|| (0.02: at most 2% of the weight norm
+            per step, before lr); 0 turns it off.
+        percentile_clipping: clip ||g|| at this percentile (1..100) of the last 100
+            gradient norms; 100 turns it off.
+        trust_coefficient: eta of the classic LARS trust ratio, >= 0; 0 turns it off.
+        trust_clip: LARC clipping of the trust ratio, r = min(r / lr, 1).
+        eps: >= 0, added to the trust ratio's denominator.
+        nonfinite: one of :data:`NONFINITE_POLICIES`.
     """
 
     lr: float
@@ -126,21 +143,26 @@ class LarsConfig:
     # Switches, named as in docs/algorithm.md.
     @property
     def clips_percentile(self) -> bool:
+        """Whether percentile clipping is on (``percentile_clipping < 100``)."""
         return self.percentile_clipping < 100
 
     @property
     def uses_trust_ratio(self) -> bool:
+        """Whether the trust ratio is on (``trust_coefficient > 0``)."""
         return self.trust_coefficient > 0.0
 
     @property
     def uses_momentum(self) -> bool:
+        """Whether the step keeps momentum (``momentum > 0``)."""
         return self.momentum > 0.0
 
     @property
     def clips_update_norm(self) -> bool:
+        """Whether the update norm is capped (``max_unorm > 0``)."""
         return self.max_unorm > 0.0
 
     def as_dict(self) -> dict[str, object]:
+        """The fields by name, e.g. ``LarsConfig(**cfg.as_dict())`` rebuilds ``cfg``."""
         return asdict(self)
 
 

@@ -283,6 +283,10 @@ class EmulatedGraph:
     memory is at those addresses now. What the emulator can tell, it checks: a replay
     whose launch addresses an array that NumPy allocated and that has been freed since
     the capture raises :class:`GraphCaptureError` instead of touching freed memory.
+
+    Attributes:
+        launches: the recorded launches, in order: kernel name, kernel, grid, block, the
+            recorded arguments, and weak references to the NumPy memory they address.
     """
 
     def __init__(self) -> None:
@@ -292,6 +296,8 @@ class EmulatedGraph:
         return len(self.launches)
 
     def record(self, name: str, kernel: Any, grid: Any, block: Any, args: tuple[Any, ...]) -> None:
+        """Record one launch (the emulated runtime calls this inside a capture): by-value
+        arguments as copies of their bytes, arrays as their addresses."""
         recorded: list[Any] = []
         owners = []
         for index, arg in enumerate(args):

@@ -196,8 +196,24 @@ def lars_update_many(
     parameters' type, dtype and shape. A state's arrays changed in place
     (reshaped, made read-only) are not seen: assign them instead.
 
-    ``stream`` as in :func:`lars_update`: torch CUDA tensors step on torch's current
-    stream of their device, CuPy arrays on CuPy's current stream.
+    Args:
+        params: the parameters, each as in :func:`lars_update`; all NumPy (or CPU
+            tensors), or all on one CUDA device.
+        grads: their gradients, in the same order.
+        states: their states, in the same order.
+        config: the hyperparameters, validated; or None to build a :class:`LarsConfig`
+            from ``hyperparameters``.
+        dtype: as in :func:`lars_update`, for every tensor.
+        backend: as in :func:`lars_update`.
+        stream: as in :func:`lars_update`: by default torch CUDA tensors step on
+            torch's current stream of their device, CuPy arrays on CuPy's current stream.
+        **hyperparameters: the keyword arguments of :func:`lars_update` (``lr``,
+            ``momentum``, ...), when ``config`` is None.
+
+    Raises:
+        TypeError, ValueError: on any invalid argument; nothing is modified.
+        FloatingPointError: with ``nonfinite='raise'``, naming every tensor whose
+            gradient holds NaN or Inf; nothing is modified.
     """
     if config is None:
         cfg = LarsConfig(**hyperparameters)
@@ -233,6 +249,15 @@ def prepare(
     step only the gradients and that the params and states are unchanged. It
     owns the backend's tables and scratch: batches share nothing. Takes NumPy
     or CuPy arrays (convert other arrays first, e.g. with ``np.from_dlpack``).
+
+    Args:
+        params: NumPy arrays, or CuPy arrays on one device.
+        states: their states (:func:`init_state`), in the same order.
+        dtype: ``'bfloat16'`` when the params are uint16 arrays of bfloat16 bit
+            patterns; None otherwise (float32 and float16 arrays tell).
+        backend: as in :func:`lars_update`: None (``CUPYLARS_BACKEND``, else the
+            default for the arrays), ``'reference'``, ``'cpu'`` or ``'cuda'``. The batch
+            is bound to it for its life.
     """
     if not _plain_arrays(params):
         raise TypeError("prepare takes NumPy or CuPy arrays; convert other arrays with from_dlpack")

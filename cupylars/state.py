@@ -58,6 +58,21 @@ class LarsState:
 
     Create it with :func:`cupylars.functional.init_state`; save it with
     :meth:`to_dict` and restore it with :meth:`from_dict`.
+
+    Attributes:
+        shape: the parameter's shape.
+        param_format: the parameter's storage format: ``'float32'``, ``'float16'`` or
+            ``'bfloat16'``.
+        is_8bit: whether the momentum is kept as 8-bit codes (``optim_bits=8`` and at
+            least ``min_8bit_size`` elements).
+        step_count: int64 array of shape ``()``: applied steps (see :attr:`step`).
+        skip_count: int64 array of shape ``()``: steps skipped for a non-finite gradient.
+        history: float32 array of shape ``(100,)``: squared gradient norms for percentile
+            clipping, -1 where never recorded.
+        momentum: float32 array of the parameter's shape (32-bit state), or None before
+            the first step with momentum.
+        codes: uint8 array of the parameter's shape (8-bit state), or None.
+        absmax: float32 array of one scale per block of 256 codes (8-bit state), or None.
     """
 
     shape: tuple[int, ...]
@@ -100,6 +115,8 @@ class LarsState:
         optim_bits: int = 32,
         min_8bit_size: int = 4096,
     ) -> LarsState:
+        """A fresh state in array module ``xp`` (what :func:`cupylars.functional.init_state`
+        returns; that function also checks the parameter)."""
         optim_bits = validate_optim_bits(optim_bits)
         min_8bit_size = validate_min_8bit_size(min_8bit_size)
         size = int(np.prod(shape, dtype=np.int64))
@@ -115,6 +132,7 @@ class LarsState:
     # -- what users read -------------------------------------------------------------
     @property
     def size(self) -> int:
+        """Elements of the parameter."""
         return int(np.prod(self.shape, dtype=np.int64))
 
     @property
@@ -129,6 +147,7 @@ class LarsState:
 
     @property
     def has_momentum(self) -> bool:
+        """Whether the momentum arrays exist (allocated by the first step with momentum)."""
         return self.momentum is not None or self.codes is not None
 
     def momentum_buffer(self) -> Any:

@@ -915,6 +915,17 @@ def test_fixed_bits_classes_name_themselves_in_argument_errors(cls):
         cls(params, 0.1, 0.9, 0, 0, False, 32)
 
 
+@pytest.mark.parametrize("cls", [LARS, LARS8bit, LARS32bit])
+def test_value_errors_name_the_class_called(cls):
+    params = [torch.nn.Parameter(torch.randn(3))]
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: momentum must be in \[0, 1\), got 2.0$"):
+        cls(params, lr=0.1, momentum=2.0)
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: min_8bit_size must be >= 0, got -1$"):
+        cls(params, lr=0.1, min_8bit_size=-1)
+    with pytest.raises(TypeError, match=rf"^{cls.__name__}: nesterov must be a bool, got 'yes'$"):
+        cls(params, lr=0.1, momentum=0.9, nesterov="yes")
+
+
 def test_fixed_bits_classes_bind_every_argument():
     params = [torch.nn.Parameter(torch.randn(3))]
     args = type("Args", (), {"percentile_clipping": 7})()

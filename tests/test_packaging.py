@@ -49,7 +49,10 @@ def test_optim_without_torch_says_what_to_install():
     assert result.returncode == 0, result.stderr
     kind, message, cause = (part.strip() for part in result.stdout.split("|"))
     assert kind == "ImportError"
-    assert message == 'cupylars.optim needs torch, which is not installed: pip install "cupylars[torch]"'
+    assert message == (
+        'cupylars.optim needs torch, which is not installed: pip install torch '
+        '(from a cupylars checkout: pip install ".[torch]")'
+    )
     assert cause == "ModuleNotFoundError torch"  # chained to the original error
 
 

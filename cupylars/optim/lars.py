@@ -264,7 +264,8 @@ class LARS(Optimizer):
             "capturable": capturable,
             **options,
         }
-        _group_config(defaults, None, "defaults")  # validate before anything is built
+        # Validate before anything is built; errors name the class called (LARS8bit, ...).
+        _group_config(defaults, None, type(self).__name__)
         self._init_runtime()
         super().__init__(params, defaults)
 

@@ -65,6 +65,7 @@ class GlobalOptimManager:
 
     @classmethod
     def get_instance(cls) -> GlobalOptimManager:
+        """The process's manager (created at the first call)."""
         if cls._instance is None:
             instance = cls.__new__(cls)
             instance.initialize()
