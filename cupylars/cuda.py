@@ -287,7 +287,9 @@ class CudaBackend:
             # The graph addresses these arrays at every replay: the batch keeps them for its
             # life, whatever later steps replace (a graph outliving its batch is the caller's
             # to avoid: keep the batch, as the torch adapter does).
-            batch.pin(tensors, plan.blocks, scratch.partials, scratch.coefs, scratch.exact, code_table, lr_device)
+            batch.pin(
+                tensors, plan.blocks, scratch.partials, scratch.coefs, scratch.exact, code_table, lr_device
+            )
         # What the stats pass reads (g; p; m) is in its kernel's name (the plan's runs).
         self._launch_chunks(plan.host.stats_runs, tensors, plan, chunk, code_table, scratch.partials)
 
