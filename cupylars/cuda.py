@@ -11,8 +11,13 @@ tensors (docs/kernels.md):
    the trust ratio, ||u|| and s, and advances the step counter;
 3. ``lars_update_<fmt>_<state>``: one block per (tensor, chunk) updates p and m.
 
+With max_unorm on, ``lars_unorm_exact`` and ``lars_unorm_finalize`` run between
+2 and 3: for the tensors whose ||u|| the dot products cannot resolve (u nearly
+cancels; the finalize pass flags them) they sum ||u|| from the u the update
+applies and set s again; every other block returns at once.
+
 One stats and one update launch per (storage format, state mode) present in
-the list, so at most 19 launches and usually 3. Nothing is read back to the
+the list, so at most 21 launches and usually 5 (3 without max_unorm). Nothing is read back to the
 host except with ``nonfinite='raise'``, which must know before the update
 whether a gradient is finite: it reads the stats pass's partial sums (one
 synchronisation) and raises before anything is modified.
@@ -153,6 +158,7 @@ class _Plan:
 class _Scratch:
     partials: Any  # float64, SUMS per block
     coefs: Any  # int32, COEF_WORDS per tensor
+    exact: Any  # float64, one per block: ||u||^2 of the chunk (lars_unorm_exact)
 
 
 def grad_patches(grad_addresses: Sequence[int], vector: np.ndarray) -> list[np.ndarray]:
@@ -283,7 +289,9 @@ class CudaBackend:
             # The graph addresses these arrays at every replay: the batch keeps them for its
             # life, whatever later steps replace (a graph outliving its batch is the caller's
             # to avoid: keep the batch, as the torch adapter does).
-            batch.pin(tensors, plan.blocks, scratch.partials, scratch.coefs, code_table, lr_device)
+            batch.pin(
+                tensors, plan.blocks, scratch.partials, scratch.coefs, scratch.exact, code_table, lr_device
+            )
         # What the stats pass reads (g; p; m) is in its kernel's name (the plan's runs).
         self._launch_chunks(plan.host.stats_runs, tensors, plan, chunk, code_table, scratch.partials)
 
@@ -329,6 +337,22 @@ class CudaBackend:
         lam = np.float32(cfg.weight_decay)
         mu = np.float32(cfg.momentum)
         keep = np.float32(1.0 - cfg.dampening)
+        if cfg.clips_update_norm:
+            # ||u|| of the tensors finalize flagged (u nearly cancels) from u itself, then s
+            # again; launched whatever the data, so the step has no host decision and captures.
+            self._launch(
+                "lars_unorm_exact",
+                (plan.num_blocks,),
+                (THREADS,),
+                (tensors, plan.blocks, np.int32(chunk), scratch.coefs, code_table, lam, mu, keep,
+                 np.int32(cfg.nesterov), scratch.exact),
+            )
+            self._launch(
+                "lars_unorm_finalize",
+                (plan.num_tensors,),
+                (FINALIZE_THREADS,),
+                (tensors, scratch.exact, scratch.coefs, np.float64(cfg.max_unorm)),
+            )
         # Launched last-first: the stats pass ended there, so that data may still be in L2.
         tail = (scratch.coefs, code_table, lam, mu, keep, np.int32(cfg.nesterov))
         self._launch_chunks(plan.host.update_runs[::-1], tensors, plan, chunk, *tail)
@@ -592,7 +616,12 @@ class CudaBackend:
         need_p, need_c = plan.num_blocks * SUMS, plan.num_tensors * COEF_WORDS
         mine = batch.scratch
         have = mine.get(ctx)
-        if have is None or have.partials.size < need_p or have.coefs.size < need_c:
+        if (
+            have is None
+            or have.partials.size < need_p
+            or have.coefs.size < need_c
+            or have.exact.size < plan.num_blocks
+        ):
             if capturing:
                 raise GraphCaptureError(
                     "cupylars: this batch's scratch must be allocated, which a CUDA graph capture "
@@ -600,12 +629,14 @@ class CudaBackend:
                 )
             old_p = 0 if have is None else have.partials.size
             old_c = 0 if have is None else have.coefs.size
+            old_e = 0 if have is None else have.exact.size
             if have is not None:
                 # Kernels queued on another stream may still use it: retired, not dropped.
                 self._retire(have, self.runtime.fence())
             have = _Scratch(
                 partials=self.runtime.empty(max(need_p, old_p), np.float64),
                 coefs=self.runtime.empty(max(need_c, old_c), np.int32),
+                exact=self.runtime.empty(max(plan.num_blocks, old_e), np.float64),
             )
             mine[ctx] = have
         return have

@@ -68,7 +68,7 @@ def kernel_names() -> list[str]:
     """Every ``extern "C"`` kernel in rawkernels/lars_kernels.cu."""
     stats = [f"lars_stats_{fmt}_{reads}" for fmt in FORMAT_NAMES for reads in STATS_NAMES]
     update = [f"lars_update_{fmt}_{state}" for fmt in FORMAT_NAMES for state in STATE_NAMES]
-    return [*stats, *update, "lars_finalize", "lars_set_grads"]
+    return [*stats, *update, "lars_finalize", "lars_unorm_exact", "lars_unorm_finalize", "lars_set_grads"]
 
 
 def kernel_sources() -> tuple[Path, Path]:

@@ -29,7 +29,7 @@ from ._paths import kernel_dir
 __all__ = ["NativeUnavailableError", "library", "library_path"]
 
 #: Must equal lars_cpu_abi_version() in rawkernels/cpu/lars_cpu.cpp.
-ABI_VERSION = 1
+ABI_VERSION = 2
 SOURCE = Path("cpu") / "lars_cpu.cpp"
 HEADERS = ("lars_math.h",)
 FLAGS = (

@@ -7,6 +7,9 @@
 //                              fixed order, does the non-finite policy, the
 //                              percentile history, gamma, the trust ratio, ||u||
 //                              and s, and advances the step counter
+//   lars_unorm_exact,          only where max_unorm is on, and only doing work for
+//   lars_unorm_finalize        tensors whose ||u|| the dot products cannot resolve:
+//                              ||u|| summed from u itself, and s set again
 //   lars_update_<fmt>_<state>  one block per (tensor, chunk): d, m, u, p in
 //                              registers; 8-bit state is dequantized and
 //                              requantized here
@@ -440,6 +443,98 @@ __device__ __forceinline__ void update_entry(const long long* tensors, const lon
   }
 }
 
+// ---- pass 2b: the exact ||u|| of tensors the dot products cannot resolve -------------------
+// Tensors the finalize pass flags kCoefExactNorm (u nearly cancels: lars_math.h,
+// unorm_needs_exact_norm) have ||u||^2 summed again from the float32 u their update will
+// apply (update_direction, the update's own arithmetic): each block of such a tensor sums
+// its chunk's squares (exact in float64) in a fixed order into `exact`; the blocks of
+// other tensors return at once. One kernel for every format and state mode, dispatched
+// on the row's kind: it rarely has work, and one launch (always made when max_unorm is
+// on) keeps the step free of host decisions. lars_unorm_finalize then sets s from it.
+template <int F, int M>
+__device__ __forceinline__ double exact_unorm_sum(const Chunk& c, const TensorCoef& cf, float lam, float mu,
+                                                  float damp_keep, bool nesterov, const float* book) {
+  using T = typename Storage<F>::T;
+  const T* __restrict__ p = address<const T>(c.row, kFieldParam);
+  const T* __restrict__ g = address<const T>(c.row, kFieldGrad);
+  const bool first = (cf.flags & kCoefFirst) != 0;
+  double acc = 0.0;
+  for (long long e = c.start + threadIdx.x; e < c.end; e += kThreads) {
+    float m = 0.0f;  // the old m as the update reads it (not at t == 1)
+    if constexpr (M == kState32) {
+      if (!first) m = address<const float>(c.row, kFieldState)[e];
+    } else if constexpr (M == kState8) {
+      if (!first)
+        m = book[address<const unsigned char>(c.row, kFieldState)[e]] *
+            address<const float>(c.row, kFieldAbsmax)[e / kQBlock];
+    }
+    const double u = update_direction<M != kNoState>(cf, lam, mu, damp_keep, nesterov, first, to_float(p[e]),
+                                                      to_float(g[e]), m);
+    acc = fma(u, u, acc);
+  }
+  return acc;
+}
+
+__device__ __forceinline__ void exact_unorm_body(const long long* __restrict__ tensors,
+                                                 const long long* __restrict__ blocks, int chunk,
+                                                 const TensorCoef* __restrict__ coefs,
+                                                 const float* __restrict__ table, float lam, float mu,
+                                                 float damp_keep, bool nesterov, double* __restrict__ exact) {
+  __shared__ double scratch[kWarps * kSums];
+  __shared__ float book[256];
+  const long long b = blockIdx.x;
+  const Chunk c = chunk_of(tensors, blocks[b], chunk);
+  const TensorCoef cf = coefs[c.tensor];
+  if (!(cf.flags & kCoefExactNorm)) return;  // block-uniform: the usual case ends here
+  const int kind = static_cast<int>(c.row[kFieldKind]);
+  if (kind % 3 == kState8) {
+    book[threadIdx.x] = table[threadIdx.x];
+    __syncthreads();
+  }
+  double v[kSums];
+#pragma unroll
+  for (int j = 0; j < kSums; ++j) v[j] = 0.0;
+  switch (kind) {
+#define LARS_EXACT_CASE(FMT, STATE) \
+  case FMT * 3 + STATE: v[0] = exact_unorm_sum<FMT, STATE>(c, cf, lam, mu, damp_keep, nesterov, book); break;
+    LARS_EXACT_CASE(kF32, kNoState)
+    LARS_EXACT_CASE(kF32, kState32)
+    LARS_EXACT_CASE(kF32, kState8)
+    LARS_EXACT_CASE(kF16, kNoState)
+    LARS_EXACT_CASE(kF16, kState32)
+    LARS_EXACT_CASE(kF16, kState8)
+    LARS_EXACT_CASE(kBF16, kNoState)
+    LARS_EXACT_CASE(kBF16, kState32)
+    LARS_EXACT_CASE(kBF16, kState8)
+#undef LARS_EXACT_CASE
+    default: break;
+  }
+  block_sums<kWarps, 1u>(v, scratch);
+  if (threadIdx.x == 0) exact[b] = v[0];
+}
+
+// One block per tensor: a flagged tensor's chunk sums in a fixed order, then lr * s again.
+__device__ __forceinline__ void exact_unorm_finalize_body(const long long* __restrict__ tensors,
+                                                          const double* __restrict__ exact,
+                                                          TensorCoef* __restrict__ coefs, double max_unorm) {
+  __shared__ double scratch[(kFinalizeThreads / 32) * kSums];
+  const int ti = blockIdx.x;
+  TensorCoef cf = coefs[ti];
+  if (!(cf.flags & kCoefExactNorm)) return;  // block-uniform
+  const long long* row = tensors + static_cast<long long>(ti) * kTensorFields;
+  const long long first_block = row[kFieldFirstBlock];
+  const long long num_blocks = row[kFieldNumBlocks];
+  double v[kSums];
+#pragma unroll
+  for (int j = 0; j < kSums; ++j) v[j] = 0.0;
+  for (long long k = threadIdx.x; k < num_blocks; k += kFinalizeThreads) v[0] += exact[first_block + k];
+  block_sums<kFinalizeThreads / 32, 1u>(v, scratch);
+  if (threadIdx.x == 0) {
+    exact_unorm_coef(cf, v[0], max_unorm);
+    coefs[ti].lrs = cf.lrs;
+  }
+}
+
 // ---- pass 2: per-tensor finalize ------------------------------------------------------------
 __device__ __forceinline__ void finalize_body(const long long* __restrict__ tensors,
                                               const double* __restrict__ partials, TensorCoef* __restrict__ coefs,
@@ -576,6 +671,21 @@ extern "C" __global__ void __launch_bounds__(lars::kFinalizeThreads)
   // replaces the by-value lr (at most one is set).
   lars::finalize_body(tensors, partials, reinterpret_cast<lars::TensorCoef*>(coefs), lr, lr_f64, lr_f32, momentum,
                       dampening, weight_decay, trust_coefficient, eps, max_unorm, percentile, switches, policy);
+}
+
+// The exact-norm passes (pass 2b above), launched after lars_finalize whenever max_unorm is
+// on: lars_unorm_exact over every block (`exact`: one float64 per block), then
+// lars_unorm_finalize over every tensor. Both return at once for unflagged tensors.
+extern "C" __global__ void __launch_bounds__(lars::kThreads)
+    lars_unorm_exact(const long long* tensors, const long long* blocks, int chunk, const int* coefs,
+                     const float* code_table, float lam, float mu, float damp_keep, int nesterov, double* exact) {
+  lars::exact_unorm_body(tensors, blocks, chunk, reinterpret_cast<const lars::TensorCoef*>(coefs), code_table, lam,
+                         mu, damp_keep, nesterov != 0, exact);
+}
+
+extern "C" __global__ void __launch_bounds__(lars::kFinalizeThreads)
+    lars_unorm_finalize(const long long* tensors, const double* exact, int* coefs, double max_unorm) {
+  lars::exact_unorm_finalize_body(tensors, exact, reinterpret_cast<lars::TensorCoef*>(coefs), max_unorm);
 }
 
 // ---- gradient addresses recorded into a CUDA graph --------------------------------------

@@ -61,13 +61,19 @@ LARS_HD int block_tensor(long long entry) { return static_cast<int>(entry >> 32)
 LARS_HD long long block_chunk(long long entry) { return entry & 0xffffffffLL; }
 
 // Per-tensor result of the finalize pass, read by the update pass.
-enum CoefFlag : int { kCoefSkip = 1, kCoefFirst = 2 };
+// kCoefExactNorm: the dot products cannot resolve ||u|| (unorm_needs_exact_norm); lrs is
+// set again from ||u|| summed over the u the update applies (exact_unorm_coef).
+enum CoefFlag : int { kCoefSkip = 1, kCoefFirst = 2, kCoefExactNorm = 4 };
+enum CoefLayout : int { kCoefWords = 8 };  // sizeof(TensorCoef) / 4 (cupylars/plan.py COEF_WORDS)
 struct TensorCoef {
-  float gamma;  // percentile clipping factor (float32, as applied)
-  float r;      // trust ratio (float32, as applied)
-  float lrs;    // lr * s, the update-norm clipped step size
-  int flags;    // CoefFlag bits
+  float gamma;    // percentile clipping factor (float32, as applied)
+  float r;        // trust ratio (float32, as applied)
+  float lrs;      // lr * s, the update-norm clipped step size
+  int flags;      // CoefFlag bits
+  double lr;      // the step's lr, and
+  double p_norm;  // ||p||: what exact_unorm_coef needs besides ||u|| and max_unorm
 };
+static_assert(sizeof(TensorCoef) == 4 * kCoefWords, "TensorCoef has no padding");
 
 // Bits of the finalize pass's `switches` argument.
 enum Switch : int {
@@ -125,13 +131,14 @@ LARS_HD float nan_max(float a, float b) {
 }
 
 // ---- steps 2-4 and 6: one element ----------------------------------------------------
-// p -> p - lr s u with d = r (gamma g + lam p), m = d (first step) or
-// mu m_old + keep d, u = d + mu m (nesterov), m, or d (no momentum).
-// `m` holds m_old on entry (ignored on the first step) and the new m on exit.
-// The fused multiply-adds are written out so that every backend rounds alike.
+// u with d = r (gamma g + lam p), m = d (first step) or mu m_old + keep d,
+// u = d + mu m (nesterov), m, or d (no momentum). `m` holds m_old on entry
+// (ignored on the first step) and the new m on exit. The fused multiply-adds are
+// written out so that every backend rounds alike; the exact-norm pass computes
+// the same float32 u as the update.
 template <bool kMomentum>
-LARS_HD float step_element(const TensorCoef& cf, float lam, float mu, float keep, bool nesterov, bool first,
-                           float p, float g, float& m) {
+LARS_HD float update_direction(const TensorCoef& cf, float lam, float mu, float keep, bool nesterov, bool first,
+                               float p, float g, float& m) {
   float d = fmaf(cf.gamma, g, lam * p);  // 2. gamma g + lam p
   d = cf.r * d;                          // 3. trust ratio
   float u = d;
@@ -139,6 +146,14 @@ LARS_HD float step_element(const TensorCoef& cf, float lam, float mu, float keep
     m = first ? d : fmaf(mu, m, keep * d);
     u = nesterov ? fmaf(mu, m, d) : m;
   }
+  return u;
+}
+
+// p -> p - lr s u, u and m as update_direction.
+template <bool kMomentum>
+LARS_HD float step_element(const TensorCoef& cf, float lam, float mu, float keep, bool nesterov, bool first,
+                           float p, float g, float& m) {
+  const float u = update_direction<kMomentum>(cf, lam, mu, keep, nesterov, first, p, g, m);
   return fmaf(-cf.lrs, u, p);  // 6. p - lr s u (s from the finalize pass)
 }
 
@@ -166,6 +181,34 @@ LARS_HD double percentile_gamma(float current_sq, float clip_sq) {
   const double current = sqrt(static_cast<double>(current_sq));
   const double clip = sqrt(static_cast<double>(clip_sq));
   return current > clip ? clip / current : 1.0;
+}
+
+// ---- step 5: s, and when the dot products cannot give ||u|| ------------------------------
+// s = max_unorm ||p|| / ||u|| when ||p|| > 0 and ||u|| exceeds that, else 1 (reference.unorm_scale).
+LARS_HD double unorm_scale(double max_unorm, double p_norm, double u_norm) {
+  return (p_norm > 0.0 && u_norm > max_unorm * p_norm) ? max_unorm * p_norm / u_norm : 1.0;
+}
+
+// ||u||^2 from dot products is uu = sum of weighted terms whose squared-norm part is
+// `diag` = alpha^2 g.g + beta^2 p.p + kappa^2 m.m (docs/kernels.md, "The cap on the update
+// norm"). Its error against the norm of the float32 u the update applies is at most
+// about 3 x 2^-21 diag (float32 partials of 8 products; float64 sums are far below) plus
+// the float32 rounding of u, at most 8 x 2^-24 (|alpha| |g| + |beta| |p| + |kappa| |m|)
+// in norm. With uu >= 2^-10 diag both together stay below 2^-10 of ||u||, so the step
+// exceeds the cap by at most that. Below it (or negative) uu is noise, and ||u|| is summed
+// from u itself, unless even the noise could not reach the cap: then ||u|| < cap and s = 1
+// either way (cap^2 >= 2 x 2^-10 diag).
+LARS_HD double unorm_exact_ratio() { return 1.0 / 1024.0; }
+
+LARS_HD bool unorm_needs_exact_norm(double uu, double diag, double cap) {
+  const double noise = unorm_exact_ratio() * diag;
+  return uu < noise && cap * cap < 2.0 * noise;  // false for NaN: it stays NaN, as before
+}
+
+// The coefficients of a tensor flagged kCoefExactNorm, from ||u||^2 summed in float64
+// over the float32 u of the update (each square is exact in float64).
+LARS_HD void exact_unorm_coef(TensorCoef& cf, double uu_exact, double max_unorm) {
+  cf.lrs = static_cast<float>(cf.lr * unorm_scale(max_unorm, cf.p_norm, sqrt(uu_exact)));
 }
 
 // ---- steps 3 and 5: the factors of one tensor, from its dot products ----------------------
@@ -216,25 +259,41 @@ LARS_HD TensorCoef step_coef(const double* totals, long long t, double gamma, co
     kappa = scale_m;
   }
   double s = 1.0;
+  bool exact = false;
   if (c.switches & kSwitchUnorm) {
     // Terms with a zero weight are left out, so a value that u does not
     // contain (m at t == 1, p without decay) cannot turn the sum into NaN.
-    double uu = 0.0;
-    if (alpha != 0.0) uu += alpha * alpha * totals[kGG];
-    if (beta != 0.0) uu += beta * beta * totals[kPP];
-    if (kappa != 0.0) uu += kappa * kappa * totals[kMM];
+    double uu = 0.0, diag = 0.0;
+    if (alpha != 0.0) {
+      const double term = alpha * alpha * totals[kGG];
+      uu += term;
+      diag += term;
+    }
+    if (beta != 0.0) {
+      const double term = beta * beta * totals[kPP];
+      uu += term;
+      diag += term;
+    }
+    if (kappa != 0.0) {
+      const double term = kappa * kappa * totals[kMM];
+      uu += term;
+      diag += term;
+    }
     if (alpha != 0.0 && beta != 0.0) uu += 2.0 * alpha * beta * totals[kGP];
     if (alpha != 0.0 && kappa != 0.0) uu += 2.0 * alpha * kappa * totals[kGM];
     if (beta != 0.0 && kappa != 0.0) uu += 2.0 * beta * kappa * totals[kPM];
     const double u_norm = sqrt(uu < 0.0 ? 0.0 : uu);  // rounding can dip below 0; NaN stays NaN
-    if (p_norm > 0.0 && u_norm > c.max_unorm * p_norm) s = c.max_unorm * p_norm / u_norm;
+    s = unorm_scale(c.max_unorm, p_norm, u_norm);
+    exact = p_norm > 0.0 && unorm_needs_exact_norm(uu, diag, c.max_unorm * p_norm);
   }
 
   TensorCoef cf;
   cf.gamma = gamma_f;
   cf.r = r_f;
   cf.lrs = static_cast<float>(c.lr * s);
-  cf.flags = first ? kCoefFirst : 0;
+  cf.flags = (first ? kCoefFirst : 0) | (exact ? kCoefExactNorm : 0);
+  cf.lr = c.lr;
+  cf.p_norm = p_norm;
   return cf;
 }
 

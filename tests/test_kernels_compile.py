@@ -218,6 +218,7 @@ def test_launcher_constants_match_the_header():
     assert plan.TILE == h["kTile"] == h["kQBlock"]
     assert plan.SUMS == h["kSums"]
     assert plan.TENSOR_FIELDS == h["kTensorFields"]
+    assert plan.COEF_WORDS == h["kCoefWords"]
     # lars_set_grads' parameter struct, defined with its kernel in the source file
     source, _ = cuda.kernel_sources()
     rows = re.search(r"\bkGradPatchRows\s*=\s*(\d+)", source.read_text())
@@ -271,8 +272,11 @@ def test_every_entry_point_is_in_the_source():
     assert update == list(plan.STATE_NAMES)
     names = {f"lars_stats_{f}_{s}" for f in formats for s, _, _ in stats}
     names |= {f"lars_update_{f}_{s}" for f in formats for s in update}
-    assert len(re.findall(r"__global__ void __launch_bounds__\([^)]*\)\s*lars_set_grads\(", text)) == 1
-    assert names | {"lars_finalize", "lars_set_grads"} == set(cuda.kernel_names())
+    singles = {"lars_finalize", "lars_unorm_exact", "lars_unorm_finalize", "lars_set_grads"}
+    for single in singles:
+        pattern = rf"__global__ void __launch_bounds__\([^)]*\)\s*{single}\("
+        assert len(re.findall(pattern, text)) == 1, single
+    assert names | singles == set(cuda.kernel_names())
     # what each stats variant reads, as plan.build_tables picks it: p unless "gradonly",
     # m exactly in the state variants
     reads = {name: (mode, need_p == "true") for name, mode, need_p in stats}

@@ -356,11 +356,13 @@ def test_launch_count_does_not_depend_on_the_number_of_tensors(n_tensors, small_
     assert [name for name, _, _ in launches] == [
         "lars_stats_f32_state32",
         "lars_finalize",
+        "lars_unorm_exact",  # max_unorm is on: the exact-norm passes always launch
+        "lars_unorm_finalize",
         "lars_update_f32_state32",
     ]
     chunks = sum(-(-s[0] // SMALL_CHUNK) for s in shapes)
-    assert launches[0][1] == (chunks,) and launches[2][1] == (chunks,)
-    assert launches[1][1] == (n_tensors,)
+    assert launches[0][1] == launches[2][1] == launches[4][1] == (chunks,)
+    assert launches[1][1] == launches[3][1] == (n_tensors,)
 
 
 @cuda_launcher
@@ -374,6 +376,8 @@ def test_launches_per_kernel_variant_not_per_tensor(small_chunks):
             "lars_stats_f16_state32",
             "lars_stats_f16_state8",
             "lars_finalize",
+            "lars_unorm_exact",
+            "lars_unorm_finalize",
             "lars_update_f16_state32",
             "lars_update_f16_state8",
         ]
@@ -382,7 +386,13 @@ def test_launches_per_kernel_variant_not_per_tensor(small_chunks):
     with cuda.record_launches() as launches:
         _run(params, _grads(rng, params, "float16"), states, {"lr": 0.1})
     names = [n for n, _, _ in launches]
-    assert names == ["lars_stats_f16_nostate", "lars_finalize", "lars_update_f16_nostate"]
+    assert names == [
+        "lars_stats_f16_nostate",
+        "lars_finalize",
+        "lars_unorm_exact",
+        "lars_unorm_finalize",
+        "lars_update_f16_nostate",
+    ]
     # without trust ratio and max_unorm it reads only g (the g.g of the skip policy
     # and percentile clipping); momentum without max_unorm needs no m in the stats
     for hp in ({"lr": 0.1, "max_unorm": 0.0}, {"lr": 0.1, "momentum": 0.9, "max_unorm": 0.0}):
@@ -390,6 +400,8 @@ def test_launches_per_kernel_variant_not_per_tensor(small_chunks):
             _run(params, _grads(rng, params, "float16"), states, hp)
         stats = sorted({n for n, _, _ in launches if n.startswith("lars_stats")})
         assert stats == ["lars_stats_f16_gradonly"], hp
+        # without max_unorm there is no norm to check: no exact-norm launches
+        assert not [n for n, _, _ in launches if n.startswith("lars_unorm")], hp
 
 
 def test_two_runs_are_bitwise_identical(small_chunks):

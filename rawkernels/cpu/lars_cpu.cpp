@@ -11,6 +11,9 @@
 //             (reads p, g, m: 12 B per element with float32 state);
 //   finalize  per tensor: the partials summed in chunk order, the non-finite
 //             policy, the percentile history, gamma, r, ||u||, s, the counter;
+//             (exact)  only for tensors whose ||u|| the dot products cannot
+//             resolve (u nearly cancels): ||u|| summed over the u the update
+//             applies, and s set again from it (reads p, g, m once more);
 //   update    p and m rewritten (reads p, g, m, writes p, m: 20 B per element).
 // 32 B per element in all: the norms must cover the whole tensor before any
 // element changes, so p, g and m are read twice.
@@ -354,6 +357,41 @@ void update_chunk(const long long* row, long long start, long long end, const Te
   }
 }
 
+// ---- phase 2b: ||u||^2 of one chunk, from the u the update applies ------------------------------
+// For tensors whose ||u|| the dot products cannot resolve (kCoefExactNorm): u element by
+// element as update_chunk computes it (update_direction), squared (exact in float64) and
+// summed in eight lanes in a fixed order, as stats_chunk sums.
+template <int F, int M, bool kFirst, bool kNesterov>
+double exact_unorm_chunk(const long long* row, long long start, long long end, const TensorCoef& cf, float lam,
+                         float mu, float keep, const CodeIndex& ix) {
+  using E = Elem<F>;
+  using T = typename E::T;
+  const T* __restrict__ p = address<const T>(row, kFieldParam);
+  const T* __restrict__ g = address<const T>(row, kFieldGrad);
+  const float* __restrict__ m32 = address<const float>(row, kFieldState);
+  const unsigned char* __restrict__ codes = address<const unsigned char>(row, kFieldState);
+  const float* __restrict__ absmax = address<const float>(row, kFieldAbsmax);
+  constexpr bool kMomentum = M != kNoState;
+  Lanes acc = {};
+  alignas(64) float uv[kQBlock];
+  for (long long tile = start; tile < end; tile += kQBlock) {
+    const int count = static_cast<int>(std::min<long long>(kQBlock, end - tile));
+    const float scale = M == kState8 ? absmax[tile / kQBlock] : 0.0f;
+    for (int k = 0; k < count; ++k) {
+      const long long i = tile + k;
+      float m = 0.0f;
+      if (kMomentum && !kFirst) m = M == kState8 ? ix.book[codes[i]] * scale : m32[i];
+      uv[k] = update_direction<kMomentum>(cf, lam, mu, keep, kNesterov, kFirst, E::load(p[i]), E::load(g[i]), m);
+    }
+    for (int k = count; k < kQBlock; ++k) uv[k] = 0.0f;
+    for (int k = 0; k < kQBlock; k += kLanes) {
+      const Lanes ud = widen(uv + k);
+      acc += ud * ud;
+    }
+  }
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
 // ---- dispatch on (format, state mode) ----------------------------------------------------------
 using StatsFn = void (*)(const long long*, long long, long long, const CodeIndex&, double*);
 using UpdateFn = void (*)(const long long*, long long, long long, const TensorCoef&, float, float, float,
@@ -367,6 +405,29 @@ template <int F, int M>
 UpdateFn update_for(bool first, bool nesterov) {
   if (first) return nesterov ? &update_chunk<F, M, true, true> : &update_chunk<F, M, true, false>;
   return nesterov ? &update_chunk<F, M, false, true> : &update_chunk<F, M, false, false>;
+}
+
+using ExactFn = double (*)(const long long*, long long, long long, const TensorCoef&, float, float, float,
+                           const CodeIndex&);
+template <int F, int M>
+ExactFn exact_for(bool first, bool nesterov) {
+  if (first) return nesterov ? &exact_unorm_chunk<F, M, true, true> : &exact_unorm_chunk<F, M, true, false>;
+  return nesterov ? &exact_unorm_chunk<F, M, false, true> : &exact_unorm_chunk<F, M, false, false>;
+}
+template <int F>
+ExactFn exact_for_mode(int mode, bool first, bool nesterov) {
+  switch (mode) {
+    case kState32: return exact_for<F, kState32>(first, nesterov);
+    case kState8: return exact_for<F, kState8>(first, nesterov);
+    default: return exact_for<F, kNoState>(first, nesterov);
+  }
+}
+ExactFn exact_fn(int kind, bool first, bool nesterov) {
+  switch (kind / 3) {
+    case kF16: return exact_for_mode<kF16>(kind % 3, first, nesterov);
+    case kBF16: return exact_for_mode<kBF16>(kind % 3, first, nesterov);
+    default: return exact_for_mode<kF32>(kind % 3, first, nesterov);
+  }
 }
 
 template <int F>
@@ -443,7 +504,7 @@ CodeIndex& code_index(const float* map) {
 }  // namespace lars_cpu
 
 // Version of the C interface below; cupylars/native.py checks it after loading.
-LARS_EXPORT int lars_cpu_abi_version() { return 1; }
+LARS_EXPORT int lars_cpu_abi_version() { return 2; }
 
 // One LARS step over the tensors of `tensors` (num_tensors rows, lars_math.h)
 // and their chunks (`blocks`, num_blocks entries). `partials` holds kSums
@@ -496,6 +557,37 @@ LARS_EXPORT int lars_cpu_step(const long long* tensors, int num_tensors, const l
   const float keep = static_cast<float>(1.0 - dampening);
   const bool nesterov = (switches & kSwitchNesterov) != 0;
   const bool uses_m = (switches & kSwitchMomentum) != 0;
+
+  // Tensors whose ||u|| the dot products cannot resolve (lars_math.h, unorm_needs_exact_norm):
+  // ||u||^2 summed again over their chunks from the u the update applies, in chunk order,
+  // and s set from it. Nothing runs when no tensor is flagged.
+  std::vector<long long> exact_blocks;
+  for (int t = 0; t < num_tensors; ++t) {
+    if (!(coef[t].flags & kCoefExactNorm)) continue;
+    const long long* row = tensors + static_cast<long long>(t) * kTensorFields;
+    for (long long k = 0; k < row[kFieldNumBlocks]; ++k) exact_blocks.push_back(row[kFieldFirstBlock] + k);
+  }
+  if (!exact_blocks.empty()) {
+    std::vector<double> chunk_uu(exact_blocks.size());
+    workers.parallel_for(static_cast<long long>(exact_blocks.size()), threads, false, [&](long long i) {
+      long long start, end;
+      const long long* row = row_of(exact_blocks[static_cast<size_t>(i)], &start, &end);
+      const TensorCoef& cf = coef[block_tensor(blocks[exact_blocks[static_cast<size_t>(i)]])];
+      const int kind = static_cast<int>(row[kFieldKind]);
+      const int mode = uses_m ? kind % 3 : kNoState;
+      chunk_uu[static_cast<size_t>(i)] = exact_fn(kind - kind % 3 + mode, (cf.flags & kCoefFirst) != 0,
+                                                  nesterov)(row, start, end, cf, lam, mu, keep, ix);
+    });
+    size_t next = 0;  // exact_blocks lists each flagged tensor's chunks together, in order
+    for (int t = 0; t < num_tensors; ++t) {
+      if (!(coef[t].flags & kCoefExactNorm)) continue;
+      const long long chunks = tensors[static_cast<long long>(t) * kTensorFields + kFieldNumBlocks];
+      double uu = 0.0;
+      for (long long k = 0; k < chunks; ++k) uu += chunk_uu[next++];
+      exact_unorm_coef(coef[t], uu, max_unorm);
+    }
+  }
+
   // Last chunks first: the stats phase ended there, so their data may still be in cache.
   workers.parallel_for(num_blocks, threads, true, [&](long long b) {
     long long start, end;
