@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,3 +99,32 @@ def test_batch_norm_statistics_are_recomputed_from_current_weights():
     torch.testing.assert_close(bn.running_var, variances, rtol=1e-5, atol=1e-6)
     assert bn.momentum == 0.1 and model[5].momentum == 0.1  # restored for training
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+
+
+def test_first_run_builds_the_native_backend_before_the_timed_steps(tmp_path):
+    """A fresh cache: the build is announced, with where it goes and how long it took, and
+    finishes before the first timed LARS step (the progress lines of training come after);
+    a second run loads the cached build and says nothing about it."""
+    root = Path(demo.__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CUPYLARS_")}
+    env["CUPYLARS_CACHE_DIR"] = str(tmp_path)
+    command = [sys.executable, "-m", "cupylars.demo", "--train-size", "256", "--test-size", "64",
+               "--batch-size", "128", "--epochs", "1", "--optimizers", "LARS32bit,SGD", "--no-plot",
+               "--device", "cpu"]  # fmt: skip
+
+    def run() -> list[str]:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=root, env=env)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.splitlines()
+
+    lines = run()
+    folder = tmp_path / "cpu"
+    announce = lines.index(f"building the native CPU backend (first use, cached in {folder}) ...")
+    built = next(i for i, line in enumerate(lines) if line.startswith("built the native CPU backend in "))
+    first_step = next(i for i, line in enumerate(lines) if "[LARS32bit] epoch 1/1" in line)
+    assert lines[0].startswith("cupylars demo on cpu") and 0 < announce < built < first_step
+    assert re.fullmatch(r"built the native CPU backend in \d+\.\d s", lines[built])
+    assert len(list(folder.glob("*.so"))) == 1
+    again = run()
+    assert not any("native CPU backend" in line for line in again)
+    assert any("[LARS32bit] epoch 1/1" in line for line in again)
