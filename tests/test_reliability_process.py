@@ -9,15 +9,21 @@ computed here.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import signal
+import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from cupylars import _cache
 from cupylars import functional as F
 from cupylars.testing import native_cpu
 
@@ -157,3 +163,303 @@ def test_forking_while_another_thread_steps():
     done = _run(FORK_HELPERS, code)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["0"] * 12
+
+
+# ---- 3. who may put code in the cache -------------------------------------------------------------
+needs_root = pytest.mark.skipif(
+    os.getuid() != 0,
+    reason="acting as another user (nobody) needs root: run the suite as root to test the cache's trust rule",
+)
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """A folder under /tmp that nobody (uid 65534) can reach, as on shared scratch space."""
+    folder = Path(tempfile.mkdtemp(prefix="cupylars-trust-", dir="/tmp"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _nobody_makes(path: Path, mode: int) -> None:
+    """``path``, a folder of nobody's with ``mode`` (as if nobody had made it)."""
+    path.mkdir()
+    os.chown(path, NOBODY, NOBODY)
+    path.chmod(mode)
+
+
+LOADS = """
+    warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as seen:
+        digest = stepped(1)
+    for w in seen:
+        print("WARNING", str(w.message).replace("\\n", " "))
+    print("LIBRARY", native.library_path())
+    print("DIGEST", digest)
+"""
+
+
+def _report(done: subprocess.CompletedProcess) -> tuple[list[str], Path, str]:
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    warned = [line for line in lines if line.startswith("WARNING")]
+    library = Path(next(line for line in lines if line.startswith("LIBRARY")).split(" ", 1)[1])
+    digest = next(line for line in lines if line.startswith("DIGEST")).split(" ", 1)[1]
+    return warned, library, digest
+
+
+@needs_root
+@pytest.mark.parametrize("how", ["owned by nobody", "writable by all", "below a folder writable by all"])
+def test_a_cache_root_others_can_change_is_not_used(scratch, how):
+    if how == "owned by nobody":
+        root = scratch / "root"
+        _nobody_makes(root, 0o755)
+        offender, why = root, f"belongs to uid {NOBODY}"
+    elif how == "writable by all":
+        root = scratch / "root"
+        root.mkdir()
+        root.chmod(0o777)
+        offender, why = root, "can be written by others"
+    else:
+        shared = scratch / "shared"
+        shared.mkdir()
+        shared.chmod(0o777)  # anyone can rename what it holds
+        root = shared / "mine"
+        root.mkdir(mode=0o755)
+        offender, why = shared, "can be written by others"
+    warned, library, digest = _report(_run(LOADS, CUPYLARS_CACHE_DIR=str(root)))
+    assert len(warned) == 1 and f"cache folder {root / 'cpu'} ({offender} {why}" in warned[0], warned
+    assert not library.is_relative_to(root)
+    assert digest == _expected(1)
+
+
+@needs_root
+def test_a_sticky_folder_above_a_folder_of_ours_is_trusted(scratch):
+    sticky = scratch / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)  # as /tmp: others may add entries but not rename ours
+    warned, library, digest = _report(_run(LOADS, CUPYLARS_CACHE_DIR=str(sticky / "mine")))
+    assert warned == []
+    assert library.parent == sticky / "mine" / "cpu"
+    assert digest == _expected(1)
+    # The same below a sticky folder's entry that belongs to someone else is refused.
+    _nobody_makes(sticky / "theirs", 0o777)
+    warned, library, _ = _report(_run(LOADS, CUPYLARS_CACHE_DIR=str(sticky / "theirs" / "mine")))
+    assert len(warned) == 1 and f"{sticky / 'theirs'} belongs to uid {NOBODY}" in warned[0]
+
+
+PLANTED_SOURCE = r"""
+#include <cstdio>
+__attribute__((constructor)) static void planted() {
+  if (FILE* f = std::fopen(MARKER, "w")) std::fclose(f);
+}
+extern "C" __attribute__((visibility("default"))) int lars_cpu_abi_version() { return 1; }
+extern "C" __attribute__((visibility("default"))) int lars_cpu_step() { return 0; }
+"""
+
+# A compiler that builds, then lets nobody swap the output's folder for one of theirs holding
+# the planted library under the output's name, as an attacker racing the build would.
+SWAPPING_COMPILER = """#!{python}
+import os, shutil, subprocess, sys
+done = subprocess.run([{real!r}, *sys.argv[1:]])
+if done.returncode == 0 and "-o" in sys.argv:
+    output = sys.argv[sys.argv.index("-o") + 1]
+    folder = os.path.dirname(output)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([]); os.setgid({uid}); os.setuid({uid})
+            os.rename(folder, folder + ".moved")
+            os.mkdir(folder); os.chmod(folder, 0o777)
+            shutil.copyfile({planted!r}, output)
+            os.chmod(output, 0o777)
+        except OSError:
+            os._exit(1)
+        os._exit(0)
+    os.waitpid(pid, 0)
+sys.exit(done.returncode)
+"""
+
+
+@needs_root
+def test_a_folder_swapped_during_the_build_does_not_get_its_library_loaded(scratch):
+    real = shutil.which("c++") or shutil.which("g++")
+    assert real is not None
+    marker = scratch / "planted-code-ran"
+    source = scratch / "planted.cpp"
+    source.write_text(PLANTED_SOURCE)
+    planted = scratch / "planted.so"
+    build = [real, "-shared", "-fPIC", f'-DMARKER="{marker}"', str(source), "-o", str(planted)]
+    subprocess.run(build, check=True)
+    planted.chmod(0o644)
+    compiler = scratch / "c++"
+    script = SWAPPING_COMPILER.format(python=sys.executable, real=real, uid=NOBODY, planted=str(planted))
+    compiler.write_text(script)
+    compiler.chmod(0o755)
+    root = scratch / "root"
+    root.mkdir()
+    root.chmod(0o777)  # nobody may rename what it holds
+    warned, library, digest = _report(_run(LOADS, CUPYLARS_CACHE_DIR=str(root), CUPYLARS_CXX=str(compiler)))
+    assert not marker.exists(), "the planted library was loaded"
+    assert digest == _expected(1)
+    assert len(warned) == 1 and f"{root} can be written by others" in warned[0]
+    assert not library.is_relative_to(root)
+
+
+@needs_root
+def test_a_library_or_digest_of_someone_else_is_rebuilt(tmp_path):
+    """The file checks go through the descriptor that is loaded: a library (or its digest)
+    that is another user's, or a link, is not loaded but rebuilt."""
+    cache = tmp_path / "cache"
+    _report(_run(LOADS, CUPYLARS_CACHE_DIR=str(cache)))
+    (library,) = (cache / "cpu").glob("*.so")
+    sidecar = library.with_name(library.name + _cache.DIGEST_SUFFIX)
+    for change in ("chown library", "chown digest", "link library"):
+        if change == "chown library":
+            os.chown(library, NOBODY, NOBODY)
+        elif change == "chown digest":
+            os.chown(sidecar, NOBODY, NOBODY)
+        else:
+            moved = library.with_suffix(".elsewhere")
+            library.rename(moved)
+            library.symlink_to(moved)
+        warned, loaded, digest = _report(_run(LOADS, CUPYLARS_CACHE_DIR=str(cache)))
+        assert warned == [] and loaded == library and digest == _expected(1), change
+        assert not library.is_symlink() and library.stat().st_uid == os.getuid()
+        assert sidecar.stat().st_uid == os.getuid()
+
+
+# ---- 4. a damaged cached library ------------------------------------------------------------------
+def _text_section(data: bytes) -> tuple[int, int]:
+    """Offset and size of an ELF64 file's .text section."""
+    assert data[:4] == b"\x7fELF" and data[4] == 2, "not an ELF64 file"
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    def header(i: int) -> tuple[int, int, int]:
+        name, _type, _flags, _addr, offset, size = struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize)
+        return name, offset, size
+    names_offset = header(shstrndx)[1]
+    for i in range(shnum):
+        name, offset, size = header(i)
+        if data[names_offset + name : names_offset + name + 6] == b".text\0":
+            return offset, size
+    raise AssertionError("no .text section")
+
+
+def _damage(library: Path, how: str) -> None:
+    data = library.read_bytes()
+    if how == "code overwritten":
+        offset, size = _text_section(data)
+        data = data[:offset] + b"\xcc" * size + data[offset + size :]  # int3 everywhere
+    else:
+        data = data[: {"empty": 0, "100 bytes": 100, "4096 bytes": 4096, "half": len(data) // 2}[how]]
+    with open(library, "r+b") as handle:  # in place: the same file, as a crash or a full disk leaves it
+        handle.write(data)
+        handle.truncate(len(data))
+
+
+@pytest.fixture(scope="module")
+def built_cache(tmp_path_factory) -> Path:
+    cache = tmp_path_factory.mktemp("built") / "cache"
+    done = _run(LOADS, CUPYLARS_CACHE_DIR=str(cache))
+    assert done.returncode == 0, done.stderr
+    return cache
+
+
+@pytest.mark.parametrize("how", ["empty", "100 bytes", "4096 bytes", "half", "code overwritten"])
+def test_a_damaged_cached_library_is_rebuilt(built_cache, tmp_path, how):
+    cache = tmp_path / "cache"
+    shutil.copytree(built_cache, cache)
+    (library,) = (cache / "cpu").glob("*.so")
+    good = library.read_bytes()
+    _damage(library, how)
+    warned, loaded, digest = _report(_run(LOADS, CUPYLARS_CACHE_DIR=str(cache)))
+    assert warned == [] and loaded == library
+    assert digest == _expected(1)
+    rebuilt = library.read_bytes()
+    assert len(rebuilt) > len(good) // 2
+    recorded = library.with_name(library.name + _cache.DIGEST_SUFFIX).read_text().strip()
+    assert recorded == hashlib.sha256(rebuilt).hexdigest()
+
+
+BROKEN_COMPILER = """#!{python}
+import subprocess, sys
+done = subprocess.run([{real!r}, *sys.argv[1:]])
+if done.returncode == 0 and "-o" in sys.argv:
+    with open(sys.argv[sys.argv.index("-o") + 1], "r+b") as handle:
+        handle.truncate(4096)  # every build comes out damaged
+sys.exit(done.returncode)
+"""
+
+
+def test_a_library_that_stays_damaged_warns_once_and_the_reference_runs(built_cache, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(built_cache, cache)
+    (library,) = (cache / "cpu").glob("*.so")
+    _damage(library, "half")
+    compiler = tmp_path / "c++"
+    real = shutil.which("c++") or shutil.which("g++")
+    compiler.write_text(BROKEN_COMPILER.format(python=sys.executable, real=real))
+    compiler.chmod(0o755)
+    code = """
+        warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) as seen:
+            first, second = stepped(1, backend=None), stepped(1, backend=None)
+        for w in seen:
+            print("WARNING", str(w.message).replace("\\n", " "))
+        print("BACKEND", F.backend_for([np.ones(3, np.float32)]).name)
+        print("DIGESTS", first == second)
+    """
+    done = _run(code, CUPYLARS_CACHE_DIR=str(cache), CUPYLARS_CXX=str(compiler))
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stdout.splitlines() if line.startswith("WARNING")]
+    assert len(warned) == 1 and "native CPU backend is unavailable" in warned[0], done.stdout
+    # Rebuilt once (the damaged file failed its digest), and the build came out truncated.
+    assert "after a fresh build (before the rebuild: " in warned[0] and "recorded digest" in warned[0]
+    assert f"{library} is truncated" in warned[0]
+    assert "BACKEND reference" in done.stdout and "DIGESTS True" in done.stdout
+
+
+# ---- the emulator's modules take the same guards ------------------------------------------------------
+EMULATED = """
+    import warnings
+    from cupylars._emulator import EmulatedModule
+    warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as seen:
+        module = EmulatedModule([sys.argv[1]], ["scale"], cache_dir=sys.argv[2])
+    x = np.arange(4, dtype=np.int32)
+    module.get_function("scale")(1, 4, (x,))
+    for w in seen:
+        print("WARNING", str(w.message).replace("\\n", " "))
+    print("LIBRARY", module.library_path)
+    print("COMPILED", module.compiled, "RESULT", *x)
+"""
+
+
+def _emulated(source: Path, cache: Path) -> tuple[list[str], Path, str]:
+    code = "import sys\nsys.argv[1:] = [" + repr(str(source)) + ", " + repr(str(cache)) + "]\n"
+    done = _run(code, EMULATED)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    library = Path(next(line for line in lines if line.startswith("LIBRARY")).split(" ", 1)[1])
+    return [line for line in lines if line.startswith("WARNING")], library, lines[-1]
+
+
+def test_a_damaged_emulated_module_is_rebuilt_and_an_untrusted_folder_not_used(tmp_path):
+    source = tmp_path / "scale.cu"
+    source.write_text(f'// {tmp_path}\nextern "C" __global__ void scale(int* x) {{ x[threadIdx.x] *= 3; }}\n')
+    cache = tmp_path / "cache"
+    warned, library, result = _emulated(source, cache)
+    assert warned == [] and library.parent == cache and result == "COMPILED True RESULT 0 3 6 9"
+    _damage(library, "half")
+    warned, again, result = _emulated(source, cache)
+    assert warned == [] and again == library and result == "COMPILED True RESULT 0 3 6 9"
+    warned, again, result = _emulated(source, cache)
+    assert warned == [] and again == library and result == "COMPILED False RESULT 0 3 6 9"
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    warned, elsewhere, result = _emulated(source, shared / "cache")
+    assert len(warned) == 1 and f"{shared} can be written by others" in warned[0]
+    assert not elsewhere.is_relative_to(shared) and result == "COMPILED True RESULT 0 3 6 9"
