@@ -420,6 +420,63 @@ def test_a_library_that_stays_damaged_warns_once_and_the_reference_runs(built_ca
     assert "BACKEND reference" in done.stdout and "DIGESTS True" in done.stdout
 
 
+# ---- 5. Ctrl-C in the middle of a step --------------------------------------------------------------
+INTERRUPTS = """
+    import _thread
+    # A channels_last-like weight: a strided view, stepped through a contiguous copy.
+    shape = (256, 3, 3, 256)
+    def fresh():
+        rng = np.random.default_rng(5)
+        p = np.empty(shape, np.float32).transpose(0, 3, 1, 2)
+        p[...] = rng.standard_normal(p.shape)
+        g = rng.standard_normal(p.shape).astype(np.float32)
+        s = F.init_state(p)
+        F.lars_update_many([p], [g], [s], backend="cpu", **HP)  # momentum exists
+        return p, g, s
+    def snapshot(p, s):
+        return [p.copy(), *(np.asarray(a).copy() for a in s.arrays().values())]
+    def same(a, b):
+        return all(x.tobytes() == y.tobytes() for x, y in zip(a, b))
+
+    p, g, s = fresh()
+    before = snapshot(p, s)
+    start = time.perf_counter()
+    F.lars_update_many([p], [g], [s], backend="cpu", **HP)
+    took = time.perf_counter() - start
+    after = snapshot(p, s)
+
+    outcomes = {"before": 0, "after": 0}
+    for k in range(60):
+        p, g, s = fresh()
+        timer = threading.Timer(took * k / 40, _thread.interrupt_main)
+        try:
+            timer.start()
+            F.lars_update_many([p], [g], [s], backend="cpu", **HP)
+            timer.join()
+            time.sleep(0.05)  # the interrupt lands here when it came late
+        except KeyboardInterrupt:
+            pass
+        timer.join()
+        now = snapshot(p, s)
+        if same(now, before):
+            outcomes["before"] += 1
+        elif same(now, after):
+            outcomes["after"] += 1
+        else:
+            changed = [i for i, (x, y) in enumerate(zip(now, before)) if x.tobytes() != y.tobytes()]
+            print("HALF", k, "changed arrays:", changed)
+    print(outcomes["before"], outcomes["after"])
+"""
+
+
+def test_an_interrupted_step_is_all_or_nothing():
+    done = _run(INTERRUPTS)
+    assert done.returncode == 0, done.stderr
+    assert "HALF" not in done.stdout, done.stdout
+    before, after = map(int, done.stdout.split())
+    assert before + after == 60 and before > 0 and after > 0, done.stdout
+
+
 # ---- the emulator's modules take the same guards ------------------------------------------------------
 EMULATED = """
     import warnings
