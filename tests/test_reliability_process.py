@@ -520,3 +520,60 @@ def test_a_damaged_emulated_module_is_rebuilt_and_an_untrusted_folder_not_used(t
     warned, elsewhere, result = _emulated(source, shared / "cache")
     assert len(warned) == 1 and f"{shared} can be written by others" in warned[0]
     assert not elsewhere.is_relative_to(shared) and result == "COMPILED True RESULT 0 3 6 9"
+
+
+TORCH_INTERRUPTS = """
+    import _thread
+    import torch
+    from cupylars.optim import LARS
+    torch.set_num_threads(2)
+    def fresh():
+        torch.manual_seed(5)
+        w = torch.nn.Parameter(torch.randn(256, 256, 3, 3).to(memory_format=torch.channels_last))
+        w.grad = torch.randn(256, 256, 3, 3)
+        opt = LARS([w], lr=0.1, momentum=0.9, weight_decay=1e-2)
+        opt.step()  # momentum exists
+        return w, opt
+    def snapshot(w, opt):
+        tensors = [w.detach().clone()]
+        tensors += [v.clone() for v in opt.state[w].values() if isinstance(v, torch.Tensor)]
+        return [t.numpy().copy() for t in tensors]
+    def same(a, b):
+        return len(a) == len(b) and all(x.tobytes() == y.tobytes() for x, y in zip(a, b))
+
+    w, opt = fresh()
+    before = snapshot(w, opt)
+    start = time.perf_counter()
+    opt.step()
+    took = time.perf_counter() - start
+    after = snapshot(w, opt)
+    outcomes = {"before": 0, "after": 0}
+    for k in range(40):
+        w, opt = fresh()
+        timer = threading.Timer(took * k / 25, _thread.interrupt_main)
+        try:
+            timer.start()
+            opt.step()
+            timer.join()
+            time.sleep(0.05)
+        except KeyboardInterrupt:
+            pass
+        timer.join()
+        now = snapshot(w, opt)
+        if same(now, before):
+            outcomes["before"] += 1
+        elif same(now, after):
+            outcomes["after"] += 1
+        else:
+            print("HALF", k)
+    print(outcomes["before"], outcomes["after"])
+"""
+
+
+def test_an_interrupted_torch_step_on_a_channels_last_weight_is_all_or_nothing():
+    pytest.importorskip("torch")
+    done = _run(TORCH_INTERRUPTS)
+    assert done.returncode == 0, done.stderr
+    assert "HALF" not in done.stdout, done.stdout
+    before, after = map(int, done.stdout.split())
+    assert before + after == 40 and before > 0 and after > 0, done.stdout
