@@ -277,7 +277,10 @@ def _load_verified(target: Path, accept: Callable[[ctypes.CDLL], None]) -> ctype
             library = ctypes.CDLL(_descriptor_path(fd))
         except OSError as exc:
             raise LibraryError(f"cannot load {target}: {exc}") from None
-        accept(library)
+        try:
+            accept(library)
+        except AttributeError as exc:  # a function the caller looks for is missing
+            raise LibraryError(f"{target} is not the library expected: {exc}") from None
     except BaseException:
         os.close(fd)
         raise
