@@ -214,7 +214,7 @@ _IDENTIFIER_RE = re.compile(r"^[A-Za-z_]\w*$")
 _TYPE_RE = re.compile(r"^[\w\s:<>,*]+$")
 
 _lock = threading.Lock()
-_libraries: dict[str, ctypes.CDLL] = {}
+_libraries: dict[str, tuple[ctypes.CDLL, Path]] = {}
 _compiler_ids: dict[str, str] = {}
 
 
@@ -371,44 +371,41 @@ def _build(
 
     with _lock:
         if key in _libraries:
-            return _libraries[key], Path(_libraries[key]._name), False
-        # Loaded code must come from a folder and file that only this user can write.
+            library, library_path = _libraries[key]
+            return library, library_path, False
+        # Loaded code must come from a folder and file that only this user can write, and
+        # match the digest recorded when it was built (cupylars._cache).
         folder = _cache.private_folder(Path(cache_dir) if cache_dir is not None else _cache_root())
         library_path = folder / f"module-{key}.so"
-        compiled = False
-        if not library_path.exists() or not _cache.trusted(library_path):
-            _compile(cxx, flags, unit, folder, key, library_path)
-            compiled = True
-        library = ctypes.CDLL(str(library_path))
-        if library.cupylars_emu_abi_version() != _ABI_VERSION:
-            raise EmulatorCompileError(f"{library_path} was built for another emulator version")
-        _libraries[key] = library
+
+        def accept(library: ctypes.CDLL) -> None:
+            if library.cupylars_emu_abi_version() != _ABI_VERSION:
+                raise _cache.LibraryError(f"{library_path} was built for another emulator version")
+
+        try:
+            library, compiled = _cache.load_library(
+                library_path, lambda output: _compile(cxx, flags, unit, folder, key, output), accept
+            )
+        except _cache.LibraryError as exc:
+            raise EmulatorCompileError(str(exc)) from None
+        _libraries[key] = (library, library_path)
         return library, library_path, compiled
 
 
-def _compile(cxx: str, flags: Sequence[str], unit: str, folder: Path, key: str, target: Path) -> None:
-    # Build under a temporary name in the cache folder, then rename: concurrent
-    # processes (pytest-xdist) never see a partial file, and the last rename wins
-    # with identical content.
+def _compile(cxx: str, flags: Sequence[str], unit: str, folder: Path, key: str, output: Path) -> None:
+    # The translation unit is kept beside the library (compiler messages point into it);
+    # the library goes to `output`, a temporary name that cupylars._cache renames into place.
     source = folder / f"module-{key}.cpp"
     with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".cpp", delete=False) as handle:
         handle.write(unit)
     os.replace(handle.name, source)
-    fd, partial = tempfile.mkstemp(dir=folder, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        command = [cxx, *flags, str(source), "-o", partial]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            output = (result.stdout + result.stderr).strip()
-            raise EmulatorCompileError(
-                f"g++ failed to build the emulated CUDA module ({source}):\n{output}{_compile_hint(output)}"
-            )
-        os.chmod(partial, 0o700)  # the linker's mode follows the umask; nobody else may write it
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+    command = [cxx, *flags, str(source), "-o", str(output)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        text = (result.stdout + result.stderr).strip()
+        raise EmulatorCompileError(
+            f"g++ failed to build the emulated CUDA module ({source}):\n{text}{_compile_hint(text)}"
+        )
 
 
 def _clear_memory_cache() -> None:

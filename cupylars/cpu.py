@@ -15,12 +15,13 @@ import os
 import sys
 import threading
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from . import native, quantization
+from . import _interrupts, native, quantization
 from . import plan as tables
 from .config import NONFINITE_POLICIES, LarsConfig, nonfinite_error
 from .state import LarsState
@@ -112,6 +113,29 @@ class CpuBackend:
         uses_m = cfg.uses_momentum
         stats_m = uses_m and cfg.clips_update_norm
         need_p = cfg.uses_trust_ratio or cfg.clips_update_norm
+        # What this call changes beyond the native call's own writes (momentum allocated
+        # here, staged parameters written back) happens with Ctrl-C held back, so that an
+        # interrupted step is either not started or complete.
+        changes_more = bool(staged) or (uses_m and not batch.has_momentum)
+        with _interrupts.interrupts_deferred() if changes_more else nullcontext():
+            self._step_staged(
+                params, grads, grad_addresses, states, cfg, batch, staged, uses_m, stats_m, need_p
+            )
+
+    def _step_staged(
+        self,
+        params: Sequence[np.ndarray],
+        grads: Sequence[np.ndarray] | None,
+        grad_addresses: Sequence[int] | None,
+        states: Sequence[LarsState],
+        cfg: LarsConfig,
+        batch: PreparedBatch,
+        staged: list[tuple[int, np.ndarray]],
+        uses_m: bool,
+        stats_m: bool,
+        need_p: bool,
+    ) -> None:
+        live = batch.live
         allocated = []
         if uses_m and not batch.has_momentum:
             allocated = [i for i in live if not states[i].has_momentum]

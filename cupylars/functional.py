@@ -37,6 +37,7 @@ The step, per tensor, at applied step :math:`t` (docs/algorithm.md):
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 from collections.abc import Sequence
@@ -277,6 +278,16 @@ def _prepare(
 _BATCHES: dict[tuple, PreparedBatch] = {}
 _BATCHES_SIZE = 64
 _BATCHES_LOCK = threading.Lock()
+
+
+def _fresh_lock_after_fork() -> None:
+    # A forked child has only the thread that forked: a lock another thread held is
+    # never released there.
+    global _BATCHES_LOCK
+    _BATCHES_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_lock_after_fork)
 
 
 def _batch_for(

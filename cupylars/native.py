@@ -3,7 +3,8 @@
 The library is built with the system C++ compiler, optimised and vectorised
 for the host (``-O3 -march=native``), once per (sources, compiler, flags, CPU):
 the build is cached on disk like CuPy's kernel cache, so a second process or
-run loads it without compiling. Folders and files are checked before loading
+run loads it without compiling. Folders, files and the library's recorded
+digest are checked before loading, and a damaged library is rebuilt once
 (:mod:`cupylars._cache`).
 
 Environment: ``CUPYLARS_CXX`` (the compiler; default ``c++``, else ``g++``),
@@ -107,17 +108,21 @@ def _build() -> tuple[ctypes.CDLL, Path]:
 
     folder = _cache.private_folder(_cache.cache_root("cpu"))
     target = folder / f"lars_cpu-{key}.so"
-    if not (target.exists() and _cache.trusted(target)):
+
+    def build(output: Path) -> None:
         unit = f'#include "{source_path}"\n'
-        output = _cache.compile_library([cxx, *flags], unit, folder, target)
-        if output is not None:
-            raise NativeUnavailableError(f"{cxx} failed to build {source_path}:\n{output}")
+        failure = _cache.compile_library([cxx, *flags], unit, folder, output)
+        if failure is not None:
+            raise NativeUnavailableError(f"{cxx} failed to build {source_path}:\n{failure}")
+
+    def accept(lib: ctypes.CDLL) -> None:
+        if lib.lars_cpu_abi_version() != ABI_VERSION:
+            raise _cache.LibraryError(f"{target} was built for another interface version")
+
     try:
-        lib = ctypes.CDLL(str(target))
-    except OSError as exc:
-        raise NativeUnavailableError(f"cannot load {target}: {exc}") from exc
-    if lib.lars_cpu_abi_version() != ABI_VERSION:
-        raise NativeUnavailableError(f"{target} was built for another interface version")
+        lib, _ = _cache.load_library(target, build, accept)
+    except _cache.LibraryError as exc:
+        raise NativeUnavailableError(str(exc)) from None
     c_ptr, c_int, c_ll, c_double = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_double
     lib.lars_cpu_step.restype = c_int
     lib.lars_cpu_step.argtypes = [

@@ -7,6 +7,7 @@ import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import dataclass, replace
 from itertools import chain, compress, repeat
@@ -18,6 +19,7 @@ from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import functional as F
+from .._interrupts import interrupts_deferred
 from ..batch import PreparedBatch
 from ..config import (
     HYPERPARAMETERS,
@@ -648,7 +650,10 @@ class LARS(Optimizer):
             grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
         backend = bucket.backend
         arrays, states = bucket.arrays, bucket.states
-        with backend.context():
+        # Strided parameters are written back after the step: Ctrl-C is held back until then
+        # (cupylars._interrupts), so that the bucket is either not stepped or stepped.
+        deferred = interrupts_deferred() if bucket.staging else nullcontext()
+        with backend.context(), deferred:
             for param, staging in bucket.staging:
                 staging.copy_(param.detach())
             # One batch of every tensor (foreach), or one per tensor.

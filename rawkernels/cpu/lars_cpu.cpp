@@ -26,11 +26,12 @@
 // Threads: a small pool of std::threads that sleep on a condition variable
 // between phases (no spinning while the caller's framework works); the calling
 // thread takes part. Calls from several Python threads are serialised by the
-// pool; each call brings its own scratch (partials, coefficients).
+// pool; each call brings its own scratch (partials, coefficients). A forked child gets a
+// fresh pool (pool() below).
 #define LARS_HOST_ONLY
 #include "../lars_math.h"
 
-#include <unistd.h>
+#include <pthread.h>
 
 #include <algorithm>
 #include <atomic>
@@ -202,10 +203,6 @@ class Pool {
 
  private:
   void grow(int wanted) {
-    if (owner_ != getpid()) {  // a forked child inherits no threads: start afresh
-      workers_.clear();        // (the parent's std::thread objects are forgotten, not joined)
-      owner_ = getpid();
-    }
     while (static_cast<int>(workers_.size()) < wanted) {
       const int index = static_cast<int>(workers_.size());
       workers_.emplace_back([this, index] { work(index); });
@@ -236,12 +233,26 @@ class Pool {
   const std::function<void()>* job_ = nullptr;
   int helpers_ = 0, pending_ = 0;
   unsigned long long generation_ = 0;
-  pid_t owner_ = getpid();
 };
 
+// The process's pool. Never destroyed: detached workers outlive static destructors.
+//
+// A forked child has only the thread that called fork. The parent's pool is no use to
+// it: its workers are gone, its condition variables still count them as waiters, and
+// its mutexes may be held by a thread that does not exist in the child (one that was
+// inside parallel_for). The child therefore gets a fresh pool (fresh locks, no workers,
+// started on demand) and the old one is abandoned, never locked or destroyed.
+std::atomic<Pool*> current_pool{nullptr};
+
+void fresh_pool_after_fork() { current_pool.store(new Pool, std::memory_order_release); }
+
 Pool& pool() {
-  static Pool* instance = new Pool;  // never destroyed: detached workers outlive static destructors
-  return *instance;
+  static const bool registered = [] {
+    current_pool.store(new Pool, std::memory_order_release);
+    return pthread_atfork(nullptr, nullptr, &fresh_pool_after_fork) == 0;
+  }();
+  (void)registered;
+  return *current_pool.load(std::memory_order_acquire);
 }
 
 // ---- phase 1: the dot products of one chunk --------------------------------------------------
