@@ -56,6 +56,7 @@ def _same(a_params, a_states, b_params, b_states):
 @pytest.mark.parametrize("fmt", ["float32", "bfloat16"])
 def test_results_do_not_depend_on_the_thread_count(fmt, monkeypatch):
     monkeypatch.setattr(plan, "CHUNK_SIZE", 1024)  # many chunks per tensor
+    monkeypatch.setattr(cpu, "WORK_PER_THREAD", 1)  # threads even for this small work
     runs = []
     for threads in (1, 2, 4):
         monkeypatch.setattr(cpu, "num_threads", lambda threads=threads: threads)
@@ -65,6 +66,29 @@ def test_results_do_not_depend_on_the_thread_count(fmt, monkeypatch):
         runs.append((params, states))
     for params, states in runs[1:]:
         _same(*runs[0], params, states)
+
+
+def test_small_steps_run_on_one_thread_and_large_ones_on_all(monkeypatch):
+    monkeypatch.setattr(cpu, "num_threads", lambda: 4)
+    unit = cpu.WORK_PER_THREAD
+    assert cpu.threads_for(cpu.step_work([10_000] * 10, [False] * 10)) == 1
+    assert cpu.threads_for(cpu.step_work([unit - 1], [False])) == 1
+    assert cpu.threads_for(cpu.step_work([2 * unit], [False])) == 2
+    assert cpu.threads_for(cpu.step_work([unit], [True])) == 3  # 8-bit elements weigh more
+    assert cpu.threads_for(cpu.step_work([25_600_000], [False])) == 4  # never above num_threads
+
+
+def test_the_step_passes_the_threads_its_work_pays_for(monkeypatch):
+    """What the native call receives: one thread for a small model, all for a large one."""
+    monkeypatch.setattr(cpu, "num_threads", lambda: 2)
+    seen = []
+    real = cpu.threads_for
+    monkeypatch.setattr(cpu, "threads_for", lambda work: seen.append(real(work)) or seen[-1])
+    for n in (1000, 2 * cpu.WORK_PER_THREAD):
+        params, states, grads = _problem(2, [(n,)], "float32")
+        with native_cpu():
+            _train(params, states, grads[:1])
+    assert seen == [1, 2]
 
 
 def test_thread_count_follows_torch_then_omp_num_threads(monkeypatch):

@@ -35,11 +35,12 @@ TIMEOUT = 240
 COMMON = """
     import hashlib, os, sys, threading, time, warnings
     import numpy as np
-    from cupylars import functional as F, native
+    from cupylars import cpu, functional as F, native
 
     HP = dict(lr=0.1, momentum=0.9, weight_decay=1e-2, trust_coefficient=0.02, max_unorm=0.05)
 
-    def problem(seed, n=200_000):
+    # enough work for 4 threads (OMP_NUM_THREADS=4 below): every step wakes the pool
+    def problem(seed, n=4 * cpu.WORK_PER_THREAD):
         rng = np.random.default_rng(seed)
         p = rng.standard_normal(n).astype(np.float32)
         grads = [rng.standard_normal(n).astype(np.float32) for _ in range(2)]
