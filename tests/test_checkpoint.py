@@ -275,7 +275,7 @@ def test_torch_sgd_state_dict_loads():
         (
             lambda s: s["state"][2].update(absmax1=s["state"][2]["absmax1"].double().fill_(1e39)),
             ValueError,
-            "2: state 'absmax1' holds a negative, NaN, Inf or above-float32",
+            "2: state 'absmax1' holds .*beyond float32's range",
         ),
         (lambda s: s["param_groups"].append(s["param_groups"][0]), ValueError, "groups"),
         (lambda s: s["param_groups"][0].update(momentum=1.5), ValueError, "momentum"),

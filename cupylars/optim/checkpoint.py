@@ -97,11 +97,13 @@ def _check_finite(label: str, saved: Mapping[str, Any]) -> None:
         if bridge.is_dtensor(value):
             bad = _any_nonfinite_sharded(value)
         else:
-            bad = not bool(torch.isfinite(value.detach()).all())
+            # As the float32 it becomes: a float64 1e39 would load as Inf.
+            bad = not bool(torch.isfinite(value.detach().to(torch.float32)).all())
         if bad:
             raise ValueError(
-                f"{label}: state {key!r} holds NaN or Inf; the checkpoint is corrupt (a non-finite "
-                "momentum or scale makes every later step of this tensor NaN)"
+                f"{label}: state {key!r} holds NaN or Inf (or values beyond float32's range); the "
+                "checkpoint is corrupt (a non-finite momentum or scale makes every later step of this "
+                "tensor NaN)"
             )
 
 
