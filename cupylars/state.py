@@ -264,8 +264,25 @@ def _summary(xp: Any, states: Sequence[LarsState]) -> np.ndarray:
         return np.array(
             [(int(s.step_count), int(s.skip_count), int(sane_scales(s))) for s in states], dtype=np.int64
         ).reshape(-1, 3)
-    rows = xp.stack([xp.stack([s.step_count, s.skip_count, sane_scales(s)]) for s in states])
-    return np.asarray(rows.get()).reshape(-1, 3)
+    stream = xp.cuda.get_current_stream()
+    if getattr(stream, "is_capturing", lambda: False)():
+        from .cuda_runtime import GraphCaptureError
+
+        raise GraphCaptureError(
+            "cupylars: checking the states reads their counters on the host, which a CUDA graph capture "
+            "cannot record; prepare the batch (run one step) outside the capture"
+        )
+    out = np.empty((len(states), 3), dtype=np.int64)
+    by_device: dict[int, list[int]] = {}
+    for k, s in enumerate(states):
+        by_device.setdefault(int(s.step_count.data.device_id), []).append(k)
+    for device, ks in by_device.items():
+        with xp.cuda.Device(device):  # one transfer per device
+            rows = xp.stack(
+                [xp.stack([s.step_count, s.skip_count, sane_scales(s)]) for s in map(states.__getitem__, ks)]
+            )
+            out[ks] = rows.get()
+    return out
 
 
 def check_values(states: Sequence[LarsState], labels: Sequence[str]) -> np.ndarray:
