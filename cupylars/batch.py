@@ -249,10 +249,6 @@ class PreparedBatch:
     has_momentum: bool  # every live state holds its momentum arrays
     #: Steps this batch may take before a counter could pass MAX_COUNT (then read again).
     headroom: int = MAX_COUNT
-    #: Whether a live state without momentum arrays had applied steps when last read (a
-    #: step with momentum would then have no momentum to continue), and steps since.
-    stepped_without_momentum: bool = False
-    steps_since_read: int = 0
     #: A state whose history is shared with another's (None: none): no clipping step.
     shared_history: int | None = None
     host_arrays: bool = False  # NumPy arrays, whose write flags are checked at every step
@@ -389,8 +385,6 @@ class PreparedBatch:
                     f"a counter of these states is at the maximum 2**53 (cupylars.state.MAX_COUNT): "
                     f"{self.names_at_bound(states)}; no step can follow, nothing was updated"
                 )
-        if config.uses_momentum and not self.has_momentum:
-            self.check_momentum_history(states)
         if lr_device is None:
             self.backend.update_many(params, grads, states, config, self, grad_addresses=grad_addresses)
         else:
@@ -400,23 +394,17 @@ class PreparedBatch:
             )
         # Each step adds at most one to each counter (the step or the skip).
         self.headroom -= 1
-        self.steps_since_read += 1
 
     def read_counters(self, states: Sequence[LarsState]) -> np.ndarray:
-        """Read (and check) the live states' counters: the headroom and what
-        :meth:`check_momentum_history` needs follow them. One transfer on a GPU."""
-        live = [states[i] for i in self.live]
-        counters = check_values(live, [f"states[{i}]" for i in self.live])
-        self.note_counters(live, counters)
+        """Read (and check) the live states' counters; the headroom follows them. One
+        transfer on a GPU."""
+        counters = check_values([states[i] for i in self.live], [f"states[{i}]" for i in self.live])
+        self.note_counters(counters)
         return counters
 
-    def note_counters(self, live_states: Sequence[LarsState], counters: np.ndarray) -> None:
-        peak = int(counters.max()) if counters.size else 0
-        self.headroom = MAX_COUNT - peak
-        self.stepped_without_momentum = any(
-            int(steps) > 0 and not state.has_momentum for state, steps in zip(live_states, counters[:, 0])
-        )
-        self.steps_since_read = 0
+    def note_counters(self, counters: np.ndarray) -> None:
+        """The headroom left by ``counters`` (int64 (steps, skips) of the live states)."""
+        self.headroom = MAX_COUNT - (int(counters.max()) if counters.size else 0)
 
     def names_at_bound(self, states: Sequence[LarsState]) -> str:
         return ", ".join(
@@ -426,25 +414,8 @@ class PreparedBatch:
             if int(getattr(states[i], name)) >= MAX_COUNT
         )
 
-    def check_momentum_history(self, states: Sequence[LarsState]) -> None:
-        """Before a step with momentum that allocates it: a state with applied steps but no
-        momentum has lost its momentum (the step would continue from nothing)."""
-        if self.steps_since_read and not self._capturing():
-            self.read_counters(states)  # steps without momentum ran since the last read
-        if not self.stepped_without_momentum:
-            return
-        bad = [i for i in self.live if not states[i].has_momentum and states[i].step > 0]
-        if bad:
-            i = bad[0]
-            raise ValueError(
-                f"states[{i}] has {states[i].step} applied steps but no momentum arrays, and momentum > 0: "
-                "the step would continue a momentum it does not have. Pass the state with its momentum, or "
-                f"start from zero momentum explicitly with states[{i}].ensure_momentum(xp)"
-            )
-
     def _capturing(self) -> bool:
-        # A read would synchronise, which a CUDA graph capture refuses; the CUDA backend
-        # refuses the step itself then (allocating momentum cannot be captured).
+        # A read would synchronise, which a CUDA graph capture refuses.
         runtime = getattr(self.backend, "runtime", None)
         return bool(runtime is not None and runtime.is_capturing())
 
@@ -470,7 +441,7 @@ def prepare(
         shared_history=shared_history,
         host_arrays=all(array_module(p) is np for p in params),
     )
-    batch.note_counters([states[i] for i in live], counters[live])
+    batch.note_counters(counters[live])
     return batch
 
 

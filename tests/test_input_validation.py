@@ -148,12 +148,15 @@ def test_history_slot_is_an_unsigned_modulo():
 
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("name", ["step_count", "skip_count"])
-def test_counters_beyond_the_bound_are_refused(backend, name):
+@pytest.mark.parametrize("count", [MAX_COUNT + 1, 2**63 - 1, -1])
+def test_counters_outside_the_bound_are_refused(backend, name, count):
+    # A negative step count made the reference fail with "float * NoneType" (no momentum
+    # to continue at t <= 0) and the native backend index the history at a negative slot.
     p, g = _problem()
     state = _warm(p, g)
-    setattr(state, name, np.asarray(MAX_COUNT + 1, dtype=np.int64))  # assigned: checked again
+    setattr(state, name, np.asarray(count, dtype=np.int64))  # assigned: checked again
     snap = _snapshot([p], [state])
-    with BACKENDS[backend](), pytest.raises(ValueError, match=rf"states\[0\]\.{name} is {MAX_COUNT + 1}"):
+    with BACKENDS[backend](), pytest.raises(ValueError, match=rf"states\[0\]\.{name} is {count}, outside"):
         F.lars_update(p, g, state, **HP)
     _assert_untouched([p], [state], snap)
     with pytest.raises(ValueError, match=name):
@@ -290,37 +293,6 @@ def test_a_parameter_made_read_only_after_a_step_is_refused_by_the_reference():
         with pytest.raises(ValueError, match=r"params\[1\] is read-only"):
             F.lars_update_many([p, q], [g, h], states, **HP)
     _assert_untouched([p, q], states, snap)
-
-
-# ---- a state that lost its momentum --------------------------------------------------------------------
-@pytest.mark.parametrize("backend", backend_params())
-@pytest.mark.parametrize("bits", [32, 8])
-def test_a_stepped_state_without_momentum_is_refused(backend, bits):
-    p, g = _problem(1000)
-    state = _warm(p, g, bits=bits)
-    state.momentum = state.codes = state.absmax = None  # a hand-made state: steps, no momentum
-    snap = _snapshot([p], [state])
-    with (
-        BACKENDS[backend](),
-        pytest.raises(ValueError, match=r"states\[0\] has 2 applied steps but no momentum"),
-    ):
-        F.lars_update(p, g, state, **HP)
-    _assert_untouched([p], [state], snap)
-
-
-@pytest.mark.parametrize("backend", backend_params())
-def test_momentum_switched_on_after_steps_without_it_is_refused(backend):
-    p, g = _problem()
-    state = F.init_state(p)
-    with BACKENDS[backend]():
-        F.lars_update(p, g, state, **{**HP, "momentum": 0.0})  # the same remembered batch...
-        snap = _snapshot([p], [state])
-        with pytest.raises(ValueError, match=r"states\[0\] has 1 applied steps but no momentum"):
-            F.lars_update(p, g, state, **HP)  # ... now with momentum
-        _assert_untouched([p], [state], snap)
-        state.ensure_momentum(np)  # the explicit way to start from zero momentum
-        F.lars_update(p, g, state, **HP)
-    assert state.step == 2
 
 
 # ---- alignment on the CUDA path ------------------------------------------------------------------------
