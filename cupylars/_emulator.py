@@ -533,6 +533,9 @@ class EmulatedKernel:
         elif isinstance(arg, np.generic):
             if not _scalar_accepts(param, arg):
                 raise TypeError(f"{where} got a NumPy {arg.dtype} scalar")
+            if param.code == _POINTER and int(arg) % max(1, param.pointee_align):
+                # A raw address: its pointee is read at its natural alignment like an array's.
+                raise ValueError(f"{where}: address {int(arg):#x} is not {param.pointee_align}-byte aligned")
             raw = arg.tobytes()
         elif isinstance(arg, (bool, int, float, complex)):
             raise TypeError(

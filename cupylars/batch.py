@@ -1,28 +1,36 @@
 """A prepared batch: params and states validated once, bound to the backend that steps them.
 
 :func:`prepare` checks a list of parameters against their states (formats,
-shapes, array modules, writeable memory, no parameter twice, no overlapping
-memory) and picks the backend. The :class:`PreparedBatch` it returns steps the
+shapes, array modules, writeable memory, no parameter or state twice, no
+overlapping memory between parameters and state arrays, the states' counters and
+scales) and picks the backend. The :class:`PreparedBatch` it returns steps the
 list any number of times (:meth:`PreparedBatch.update`), checking per step only
-what can change between steps: the gradients, and that the parameters and
-states are still those it was prepared for. It owns everything a backend
+what can change between steps: the gradients, that the parameters and states
+are still those it was prepared for, and that NumPy parameters and state arrays
+are still writeable. It owns everything a backend
 derives from them (the CUDA and CPU tables, the CUDA scratch), so two batches
 share nothing and may be stepped from two threads at once.
 
 A batch holds no reference to the arrays. It applies to parameters of the same
 types, dtypes and shapes and to the same :class:`~cupylars.state.LarsState`
 objects at the same versions (a state's version changes whenever one of its
-attributes is assigned, so a replaced momentum array is seen); arrays changed
-in place (reshaped, made read-only) are not seen: assign them instead.
+attributes is assigned, so a replaced momentum array is seen); arrays reshaped
+in place are not seen: assign them instead.
+
+The counters stay within :data:`~cupylars.state.MAX_COUNT`: a batch reads them
+when it is prepared, and again (one read; a synchronisation on a GPU) only once
+its own steps could have taken one of them to the bound, where a step that would
+pass it raises before anything is written.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
-from operator import attrgetter, is_
+from functools import partial
+from itertools import chain, repeat
+from operator import attrgetter, is_, is_not
 from typing import Any, cast
 
 import numpy as np
@@ -31,13 +39,17 @@ from .backends import Backend, ReferenceBackend
 from .config import LarsConfig
 from .formats import resolve_format
 from .plan import first_overlap, overlap_error
-from .state import LarsState, array_module
+from .state import MAX_COUNT, LarsState, array_module, check_values
 
-__all__ = ["PreparedBatch", "module_of", "prepare", "validate_grads", "validate_members"]
+__all__ = ["PreparedBatch", "module_of", "prepare", "sharing_pairs", "validate_grads", "validate_members"]
 
 _VERSION = attrgetter("_version")
 _SHAPE = attrgetter("shape")
 _DTYPE = attrgetter("dtype")
+_WRITEABLE = attrgetter("flags.writeable")
+# The arrays of a state that a step writes (every one of them), in LarsState.arrays' order.
+_STATE_ARRAYS_OF = attrgetter("step_count", "skip_count", "history", "momentum", "codes", "absmax")
+_IS_ARRAY = partial(is_not, None)  # filters out the state arrays not allocated yet
 
 
 # -- validation --------------------------------------------------------------------------
@@ -63,11 +75,22 @@ def _writeable(array: Any) -> bool:
 
 
 def validate_members(params: Sequence[Any], states: Sequence[LarsState], dtype: str | None) -> list[str]:
-    """Check every parameter against its state; return their storage formats."""
+    """Check every parameter against its state; return their storage formats.
+
+    Reads the states' counters and scales (:func:`~cupylars.state.check_values`).
+    """
+    return _validate_members(params, states, dtype)[0]
+
+
+def _validate_members(
+    params: Sequence[Any], states: Sequence[LarsState], dtype: str | None
+) -> tuple[list[str], np.ndarray]:
+    """:func:`validate_members`, and the counters read: int64 (steps, skips) per state."""
     if len(params) != len(states):
         raise ValueError(f"params and states differ in length: {len(params)}, {len(states)}")
     formats = []
     seen: set[int] = set()
+    seen_states: dict[int, int] = {}
     for i, (param, state) in enumerate(zip(params, states)):
         if not isinstance(state, LarsState):
             raise TypeError(f"states[{i}] is a {type(state).__name__}, expected a LarsState")
@@ -81,7 +104,7 @@ def validate_members(params: Sequence[Any], states: Sequence[LarsState], dtype: 
         xp = array_module(param)
         for name, array in state.arrays().items():
             _check_same_module(f"states.{name}", array, xp, i)
-        state.check()
+        state.check_layout(f"states[{i}]")
         if not _writeable(param):
             raise ValueError(
                 f"params[{i}] is read-only (a NumPy array without the write flag, or an immutable "
@@ -93,8 +116,15 @@ def validate_members(params: Sequence[Any], states: Sequence[LarsState], dtype: 
         if id(param) in seen:
             raise ValueError(f"params[{i}] appears twice in one update")
         seen.add(id(param))
+        if id(state) in seen_states:
+            raise ValueError(
+                f"states[{i}] appears twice in one update (it is states[{seen_states[id(state)]}]): a state "
+                "belongs to one parameter, or its counter would step twice and its momentum be shared"
+            )
+        seen_states[id(state)] = i
         formats.append(fmt)
-    return formats
+    counters = check_values(states, [f"states[{i}]" for i in range(len(states))])
+    return formats, counters
 
 
 def validate_grads(
@@ -126,17 +156,76 @@ def _extent(array: Any) -> tuple[int, int]:
     return (start, end + array.itemsize)
 
 
+def _share_memory(a: Any, b: Any) -> bool:
+    """Whether two arrays whose extents overlap share an element."""
+    if array_module(a) is np and not (a.flags.c_contiguous and b.flags.c_contiguous):
+        return bool(np.shares_memory(a, b))  # interleaved strided views share no element
+    return True  # contiguous arrays fill their extents; CuPy: taken as shared
+
+
 def check_no_overlap(params: Sequence[Any], live: Sequence[int]) -> None:
     """Two parameters of one call must not share memory: the update would race on it."""
     pair = first_overlap([_extent(params[i]) for i in live])
     if pair is None:
         return
     i, j = live[pair[0]], live[pair[1]]
-    a, b = params[i], params[j]
-    if array_module(a) is np and not (a.flags.c_contiguous and b.flags.c_contiguous):
-        if not np.shares_memory(a, b):  # interleaved strided views share no element
-            return
-    raise overlap_error(i, j)
+    if _share_memory(params[i], params[j]):
+        raise overlap_error(i, j)
+    # A false alarm (interleaved strided views) may hide another pair: look at every pair.
+    check_no_aliasing(params, [], live)
+
+
+def sharing_pairs(arrays: Sequence[Any]) -> Iterator[tuple[int, int]]:
+    """Pairs (a, b), a < b, of ``arrays`` that share memory, by increasing start address of b.
+
+    A sweep over the extents sorted by start: each array meets only those whose extent
+    is still open, so arrays that share nothing cost O(n log n).
+    """
+    extents = [_extent(a) for a in arrays]
+    order = sorted((e for e in range(len(arrays)) if extents[e][1] > extents[e][0]), key=extents.__getitem__)
+    open_: list[int] = []
+    for b in order:
+        start = extents[b][0]
+        open_ = [a for a in open_ if extents[a][1] > start]
+        for a in open_:
+            if _share_memory(arrays[a], arrays[b]):
+                yield (min(a, b), max(a, b))
+        open_.append(b)
+
+
+def check_no_aliasing(params: Sequence[Any], states: Sequence[LarsState], live: Sequence[int]) -> int | None:
+    """Refuse memory shared between the live parameters and the arrays of their states
+    (``states`` may be empty: parameters only): a step would write it twice.
+
+    The histories are the exception: a history is read and written only with percentile
+    clipping, so histories may share one array when clipping is off (the torch adapter
+    shares one scratch history between the states that keep none). Returns the index of a
+    state whose history is shared with another's (to refuse a clipping step), or None.
+    """
+    names: list[tuple[str, int]] = []
+    arrays: list[Any] = []
+    for i in live:
+        names.append(("params", i))
+        arrays.append(params[i])
+        if states:
+            for name, array in states[i].arrays().items():
+                names.append((name, i))
+                arrays.append(array)
+    shared_history = None
+    for a, b in sharing_pairs(arrays):
+        (what_a, i), (what_b, j) = names[a], names[b]
+        if what_a == what_b == "params":
+            raise overlap_error(i, j)
+        if what_a == what_b == "history":
+            shared_history = max(i, j) if shared_history is None else shared_history
+            continue
+        first = f"params[{i}]" if what_a == "params" else f"states[{i}].{what_a}"
+        second = f"params[{j}]" if what_b == "params" else f"states[{j}].{what_b}"
+        raise ValueError(
+            f"{first} and {second} share memory: a step writes both, so each parameter and each "
+            "state array must own its memory"
+        )
+    return shared_history
 
 
 # -- the batch -----------------------------------------------------------------------------
@@ -162,6 +251,11 @@ class PreparedBatch:
     live: list[int]  # tensors with at least one element
     nbytes: list[int]  # bytes of each parameter
     has_momentum: bool  # every live state holds its momentum arrays
+    #: Steps this batch may take before a counter could pass MAX_COUNT (then read again).
+    headroom: int = MAX_COUNT
+    #: A state whose history is shared with another's (None: none): no clipping step.
+    shared_history: int | None = None
+    host_arrays: bool = False  # NumPy arrays, whose write flags are checked at every step
     grad_types: list[type] | None = None  # of the gradients last validated
     #: The backend's own: tables per (context, chunk, switches), scratch per context.
     tables: dict[tuple, Any] = field(default_factory=dict)
@@ -276,8 +370,26 @@ class PreparedBatch:
             raise TypeError(f"the {self.backend.name} backend needs gradient arrays")
         elif len(grad_addresses) != len(self.versions):
             raise ValueError(f"{len(grad_addresses)} gradient addresses for {len(self.versions)} params")
+        if self.host_arrays:
+            # What a remembered validation cannot vouch for: NumPy arrays made read-only in
+            # place (the native and emulated backends check the parameters themselves).
+            reference = isinstance(self.backend, ReferenceBackend)
+            check_writeable(params, states, self.live, params_too=reference)
         if isinstance(self.backend, ReferenceBackend):
             check_no_overlap(params, self.live)  # the others check it when they build tables
+        if self.shared_history is not None and config.clips_percentile:
+            raise ValueError(
+                f"states[{self.shared_history}].history is shared with another state's: percentile "
+                "clipping records each tensor's gradient norms in its own history"
+            )
+        if self.headroom <= 0:
+            if not self._capturing():
+                self.read_counters(states)
+            if self.headroom <= 0:
+                raise ValueError(
+                    f"a counter of these states is at the maximum 2**53 (cupylars.state.MAX_COUNT): "
+                    f"{self.names_at_bound(states)}; no step can follow, nothing was updated"
+                )
         if lr_device is None:
             self.backend.update_many(params, grads, states, config, self, grad_addresses=grad_addresses)
         else:
@@ -285,16 +397,42 @@ class PreparedBatch:
             cast(Any, self.backend).update_many(
                 params, grads, states, config, self, grad_addresses=grad_addresses, lr_device=lr_device
             )
+        # Each step adds at most one to each counter (the step or the skip).
+        self.headroom -= 1
+
+    def read_counters(self, states: Sequence[LarsState]) -> np.ndarray:
+        """Read (and check) the live states' counters; the headroom follows them. One
+        transfer on a GPU."""
+        counters = check_values([states[i] for i in self.live], [f"states[{i}]" for i in self.live])
+        self.note_counters(counters)
+        return counters
+
+    def note_counters(self, counters: np.ndarray) -> None:
+        """The headroom left by ``counters`` (int64 (steps, skips) of the live states)."""
+        self.headroom = MAX_COUNT - (int(counters.max()) if counters.size else 0)
+
+    def names_at_bound(self, states: Sequence[LarsState]) -> str:
+        return ", ".join(
+            f"states[{i}].{name}"
+            for i in self.live
+            for name in ("step_count", "skip_count")
+            if int(getattr(states[i], name)) >= MAX_COUNT
+        )
+
+    def _capturing(self) -> bool:
+        # A read would synchronise, which a CUDA graph capture refuses.
+        runtime = getattr(self.backend, "runtime", None)
+        return bool(runtime is not None and runtime.is_capturing())
 
 
 def prepare(
     params: Sequence[Any], states: Sequence[LarsState], dtype: str | None, backend: Backend
 ) -> PreparedBatch:
     """Validate params against states (raising on bad input) and bind them to ``backend``."""
-    formats = validate_members(params, states, dtype)
+    formats, counters = _validate_members(params, states, dtype)
     live = [i for i, p in enumerate(params) if p.size > 0]
-    check_no_overlap(params, live)
-    return PreparedBatch(
+    shared_history = check_no_aliasing(params, states, live)
+    batch = PreparedBatch(
         backend=backend,
         dtype=dtype,
         versions=list(map(_VERSION, states)),
@@ -305,4 +443,26 @@ def prepare(
         live=live,
         nbytes=[int(p.nbytes) for p in params],
         has_momentum=all(states[i].has_momentum for i in live),
+        shared_history=shared_history,
+        host_arrays=all(array_module(p) is np for p in params),
     )
+    batch.note_counters(counters[live])
+    return batch
+
+
+def check_writeable(
+    params: Sequence[Any], states: Sequence[LarsState], live: Sequence[int], *, params_too: bool
+) -> None:
+    """Raise ValueError naming the first read-only array of the live NumPy states (and
+    parameters, with ``params_too``); nothing is written."""
+    arrays = chain.from_iterable(map(_STATE_ARRAYS_OF, map(states.__getitem__, live)))
+    if all(map(_WRITEABLE, filter(_IS_ARRAY, arrays))) and (
+        not params_too or all(map(_WRITEABLE, map(params.__getitem__, live)))
+    ):
+        return
+    for i in live:
+        if params_too and not params[i].flags.writeable:
+            raise ValueError(f"params[{i}] is read-only: LARS updates parameters in place")
+        for name, array in states[i].arrays().items():
+            if not array.flags.writeable:
+                raise ValueError(f"states[{i}].{name} is read-only: the step writes it")

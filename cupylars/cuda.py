@@ -41,7 +41,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import attrgetter
@@ -191,6 +191,22 @@ _C_CONTIGUOUS = attrgetter("c_contiguous")
 def _writeable(flags: Any) -> bool:
     # CuPy arrays have no read-only flag (cupy.ndarray.flags has no `writeable`).
     return getattr(flags, "writeable", True)
+
+
+def check_alignment(named: Iterable[tuple[str, int, int]]) -> None:
+    """Refuse memory not aligned to its elements: ``(name, address, itemsize)`` each.
+
+    Every scalar access of a CUDA kernel must be aligned to its size, or the GPU faults
+    (a misaligned-address error that ends the CUDA context); views at odd byte offsets
+    (``np.frombuffer(buf, offset=1)``, a CuPy view of raw memory) are refused here.
+    """
+    for what, address, itemsize in named:
+        if itemsize > 1 and address % itemsize:
+            raise ValueError(
+                f"{what} is not aligned to its {itemsize}-byte elements (address {address:#x}): the CUDA "
+                "kernels access every element at its natural alignment, and a GPU faults on this one; "
+                "pass an aligned array (a copy is)"
+            )
 
 
 class CudaBackend:
@@ -451,6 +467,13 @@ class CudaBackend:
                     raise ValueError(f"{what} is read-only")
                 checked.append((what, a))
         self.runtime.check_devices(checked)
+        self._check_alignment(checked)
+
+    def _check_alignment(self, named_arrays: Sequence[tuple[str, Any]]) -> None:
+        address = self.runtime.address
+        check_alignment(
+            (what, address(a), np.dtype(a.dtype).itemsize) for what, a in named_arrays if a.size
+        )
 
     def _check_states(self, params: Sequence[Any], states: Sequence[LarsState]) -> None:
         """The state arrays' memory and the params' devices, when a plan is built."""
@@ -462,6 +485,7 @@ class CudaBackend:
                     self._check_arrays(params, None, states)  # raises, naming the array
                 checked.append((f"states[{i}].{k}", a))
         self.runtime.check_devices(checked)
+        self._check_alignment(checked)
 
     def _plan(
         self,
@@ -502,6 +526,7 @@ class CudaBackend:
             else:
                 assert grad_addresses is not None  # one of the two, by update_many's contract
                 rows = list(map(grad_addresses.__getitem__, live))
+            _check_grad_alignment(rows, live, [batch.dtypes[i].itemsize for i in live])
             if plan is not None:
                 self._retire_plan(plan)
             if batch not in self._watched:
@@ -522,6 +547,7 @@ class CudaBackend:
             if grads is not None:
                 # Unchanged addresses are the memory checked before; new ones are checked here.
                 self._check_grad_devices(grads, plan.order)
+            _check_grad_alignment(rows, plan.order, (plan.host.grad_width // 4).tolist())
             if capturing:
                 # No upload in a capture: the caller records the addresses by value into the
                 # graph rows. The eager rows (and plan.grad_addresses) stay as they are, so a
@@ -640,6 +666,14 @@ class CudaBackend:
             )
             mine[ctx] = have
         return have
+
+
+def _check_grad_alignment(addresses: Sequence[int], indices: Sequence[int], itemsizes: Sequence[int]) -> None:
+    """Gradient addresses (of tensors ``indices``) aligned to their elements."""
+    misaligned = np.array(addresses, dtype=np.int64) % np.array(itemsizes, dtype=np.int64)
+    if misaligned.any():
+        k = int(np.flatnonzero(misaligned)[0])
+        check_alignment([(f"grads[{indices[k]}]", int(addresses[k]), int(itemsizes[k]))])
 
 
 # ---- backends -------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from .state import HISTORY_SIZE, LarsState
 __all__ = [
     "apply_step",
     "grad_is_finite",
+    "history_slot",
     "percentile_factor",
     "trust_ratio",
     "unorm_scale",
@@ -58,6 +59,13 @@ def grad_is_finite(grad: np.ndarray, fmt: str) -> bool:
     return bool(np.isfinite(to_float32(np, grad, fmt)).all())
 
 
+def history_slot(t: int) -> int:
+    """The history entry of applied step ``t``: ``t % 100`` of ``t`` as an unsigned 64-bit
+    count, as the kernels compute it (lars_math.h's history_slot), so that no count, even
+    one that wrapped, indexes outside the history."""
+    return (int(t) % 2**64) % HISTORY_SIZE
+
+
 def percentile_factor(history: np.ndarray, t: int, grad_sq_norm: float, percentile: int) -> float:
     """Step 1: record ``||g||^2`` in ``history`` (in place) and return gamma.
 
@@ -66,11 +74,12 @@ def percentile_factor(history: np.ndarray, t: int, grad_sq_norm: float, percenti
     exceeds the ``percentile``-th smallest recorded one, else 1.
     """
     entry = _f32(grad_sq_norm)
+    slot = history_slot(t)
     if history[0] < 0:  # never recorded
         history[:] = entry
     else:
-        history[t % HISTORY_SIZE] = entry
-    current = math.sqrt(float(history[t % HISTORY_SIZE]))
+        history[slot] = entry
+    current = math.sqrt(float(history[slot]))
     clip = math.sqrt(float(np.sort(history)[percentile]))
     return clip / current if current > clip else 1.0
 

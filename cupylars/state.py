@@ -18,11 +18,16 @@ absmax        float32, (ceil(n/256),)     one scale per block of 256 codes
 
 The momentum arrays are allocated by the first step that uses momentum, so a
 state without momentum costs 416 bytes whatever the tensor size.
+
+Both counters stay within ``0 ..`` :data:`MAX_COUNT` (2**53): a state holding
+a larger count is refused, and so is a step that would take a counter past it.
+The scales in ``absmax`` are finite float32 values ``>= 0``.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,10 +37,20 @@ from . import quantization
 from .config import validate_min_8bit_size, validate_optim_bits
 from .formats import FORMATS
 
-__all__ = ["HISTORY_SIZE", "LarsState", "array_module"]
+__all__ = ["HISTORY_SIZE", "MAX_ABSMAX", "MAX_COUNT", "LarsState", "array_module", "check_values"]
 
 #: Length of the percentile-clipping history of squared gradient norms.
 HISTORY_SIZE = 100
+#: Largest value of a state's step and skip counters. Every count up to 2**53 is exact in
+#: a float64 (checkpoints that hold the count as a float, JSON, torch's float step tensors),
+#: and it lies far below int64's 2**63, so ``step + 1`` never wraps in any backend. At a
+#: million steps a second it takes 285 years to reach.
+MAX_COUNT = 2**53
+#: Largest scale a block of 8-bit momentum may have: absmax is the largest |m| of the
+#: block, and m is a finite float32, so every finite float32 >= 0 is a scale some momentum
+#: produces (1e38 included: dequantized, code * absmax stays finite). Larger, NaN or
+#: negative scales (a negative one flips the momentum's sign) come only from corruption.
+MAX_ABSMAX = float(np.finfo(np.float32).max)
 #: History entry meaning "never recorded": squared norms are never negative.
 UNRECORDED = -1.0
 
@@ -215,14 +230,22 @@ class LarsState:
         state.check()
         return state
 
-    def check(self) -> None:
-        """Raise ValueError if the arrays do not fit this state's shape and mode."""
+    def check(self, label: str = "state") -> None:
+        """Raise ValueError if the arrays do not fit this state's shape and mode, or hold
+        values no step can produce (see :func:`check_values`). ``label`` names the state
+        in the message."""
+        self.check_layout(label)
+        check_values([self], [label])
+
+    def check_layout(self, label: str = "state") -> None:
+        """Raise ValueError if the arrays do not fit this state's shape and mode (no values
+        are read)."""
 
         def expect(name: str, shape: tuple[int, ...], dtype: Any) -> None:
             a = getattr(self, name)
             if tuple(a.shape) != shape or np.dtype(a.dtype) != np.dtype(dtype):
                 raise ValueError(
-                    f"state array {name!r} is {np.dtype(a.dtype)}{tuple(a.shape)}, "
+                    f"{label}: state array {name!r} is {np.dtype(a.dtype)}{tuple(a.shape)}, "
                     f"expected {np.dtype(dtype)}{shape}"
                 )
 
@@ -231,14 +254,77 @@ class LarsState:
         expect("history", (HISTORY_SIZE,), np.float32)
         if self.is_8bit:
             if self.momentum is not None:
-                raise ValueError("an 8-bit state holds codes and absmax, not a float32 momentum")
+                raise ValueError(f"{label}: an 8-bit state holds codes and absmax, not a float32 momentum")
             if (self.codes is None) != (self.absmax is None):
-                raise ValueError("an 8-bit state needs both codes and absmax")
+                raise ValueError(f"{label}: an 8-bit state needs both codes and absmax")
             if self.codes is not None:
                 expect("codes", self.shape, np.uint8)
                 expect("absmax", (quantization.num_blocks(self.size),), np.float32)
         else:
             if self.codes is not None or self.absmax is not None:
-                raise ValueError("a 32-bit state holds a float32 momentum, not codes")
+                raise ValueError(f"{label}: a 32-bit state holds a float32 momentum, not codes")
             if self.momentum is not None:
                 expect("momentum", self.shape, np.float32)
+
+
+# -- values ----------------------------------------------------------------------------------
+def _summary(xp: Any, states: Sequence[LarsState]) -> np.ndarray:
+    """Per state (rows): step count, skip count, and 1 where every absmax scale is sane,
+    as one int64 host array (on a GPU: one transfer for the whole list)."""
+
+    def sane_scales(state: LarsState) -> Any:
+        a = state.absmax
+        if a is None or a.size == 0:
+            return xp.ones((), dtype=xp.int64)
+        # NaN fails both comparisons; -0.0 >= 0 holds.
+        return ((a >= 0) & (a <= MAX_ABSMAX)).all().astype(xp.int64)
+
+    if xp is np:
+        return np.array(
+            [(int(s.step_count), int(s.skip_count), int(sane_scales(s))) for s in states], dtype=np.int64
+        ).reshape(-1, 3)
+    stream = xp.cuda.get_current_stream()
+    if getattr(stream, "is_capturing", lambda: False)():
+        from .cuda_runtime import GraphCaptureError
+
+        raise GraphCaptureError(
+            "cupylars: checking the states reads their counters on the host, which a CUDA graph capture "
+            "cannot record; prepare the batch (run one step) outside the capture"
+        )
+    out = np.empty((len(states), 3), dtype=np.int64)
+    by_device: dict[int, list[int]] = {}
+    for k, s in enumerate(states):
+        by_device.setdefault(int(s.step_count.data.device_id), []).append(k)
+    for device, ks in by_device.items():
+        with xp.cuda.Device(device):  # one transfer per device
+            rows = xp.stack(
+                [xp.stack([s.step_count, s.skip_count, sane_scales(s)]) for s in map(states.__getitem__, ks)]
+            )
+            out[ks] = rows.get()
+    return out
+
+
+def check_values(states: Sequence[LarsState], labels: Sequence[str]) -> np.ndarray:
+    """Raise ValueError, naming the state by its label, for counters outside
+    ``0 .. MAX_COUNT`` or absmax scales that are negative, NaN, Inf or above
+    :data:`MAX_ABSMAX`; return the counters read, int64 (steps, skips) per state.
+
+    Reads the counters and scales: on a GPU one synchronising transfer for the list.
+    The states' layouts must have been checked (:meth:`LarsState.check_layout`).
+    """
+    if not states:
+        return np.zeros((0, 2), dtype=np.int64)
+    summary = _summary(array_module(states[0].step_count), states)
+    for label, (step, skipped, sane) in zip(labels, summary.tolist()):
+        for name, count in (("step_count", step), ("skip_count", skipped)):
+            if not 0 <= count <= MAX_COUNT:
+                raise ValueError(
+                    f"{label}.{name} is {count}, outside 0..2**53 (cupylars.state.MAX_COUNT): "
+                    "the state is corrupt"
+                )
+        if not sane:
+            raise ValueError(
+                f"{label}.absmax holds a negative, NaN, Inf or above-float32 scale: the 8-bit momentum "
+                "is corrupt (a negative scale flips its sign, a non-finite one makes every step NaN)"
+            )
+    return summary[:, :2]

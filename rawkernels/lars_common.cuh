@@ -52,9 +52,17 @@ static_assert(kFinalizeThreads >= kHistory, "one finalize thread per history ent
 #endif
 #endif
 
+// Every global array a kernel reads or writes through the tables starts here, and its
+// elements are reached by indexing: an address aligned to T makes every scalar access of
+// the array naturally aligned. The emulator checks that (the launcher refuses misaligned
+// arrays; a wrong table would fault on the GPU, whereas the CPU quietly accepts it).
 template <typename T>
 __device__ __forceinline__ T* address(const long long* row, int field) {
-  return reinterpret_cast<T*>(static_cast<unsigned long long>(row[field]));
+  const unsigned long long at = static_cast<unsigned long long>(row[field]);
+#ifdef CUPYLARS_CPU_EMULATOR
+  assert(at % alignof(T) == 0 && "a scalar access is not aligned to its size (a misaligned-address fault on the GPU)");
+#endif
+  return reinterpret_cast<T*>(at);
 }
 
 // ---- storage formats -----------------------------------------------------------------

@@ -592,7 +592,7 @@ __device__ __forceinline__ void finalize_body(const long long* __restrict__ tens
   if (switches & kSwitchPercentile) {
     float* history = address<float>(row, kFieldHistory);
     const float entry = static_cast<float>(g_norm * g_norm);
-    const int slot = static_cast<int>(t % kHistory);
+    const int slot = history_slot(t);
     const bool never_recorded = history[0] < 0.0f;  // read by all before anyone writes
     const int i = static_cast<int>(threadIdx.x);  // this thread's history entry
     float h = 0.0f;

@@ -176,6 +176,14 @@ LARS_HD bool sorts_before(float a, int ia, float b, int ib) {
   return a < b || (a == b && ia < ib);
 }
 
+// The history entry of applied step t: t % kHistory of t as an unsigned count, so that
+// no counter value (a corrupt negative one, one that wrapped) indexes outside the
+// history; cupylars/reference.py's history_slot is the same. (The Python layer also
+// keeps the counters within 0..2**53.)
+LARS_HD int history_slot(long long t) {
+  return static_cast<int>(static_cast<unsigned long long>(t) % static_cast<unsigned long long>(kHistory));
+}
+
 // gamma = clip / current when the current norm exceeds the percentile's, else 1.
 LARS_HD double percentile_gamma(float current_sq, float clip_sq) {
   const double current = sqrt(static_cast<double>(current_sq));

@@ -266,6 +266,17 @@ def test_torch_sgd_state_dict_loads():
         (lambda s: s["state"][0].update(state1=torch.zeros(80, 64, dtype=torch.int32)), TypeError, "int32"),
         (lambda s: s["state"][0].update(absmax1=torch.zeros(7)), ValueError, "absmax1"),
         (lambda s: s["state"][0].update(step=-1), ValueError, "step"),
+        # counters beyond 2**53 (cupylars.state.MAX_COUNT): 2**63 - 1 once failed inside torch
+        (lambda s: s["state"][1].update(step=torch.tensor(2**63 - 1)), ValueError, r"1: state 'step' is 92"),
+        (lambda s: s["state"][1].update(step=2**53 + 1), ValueError, r"'step' is 9007199254740993, outside"),
+        (lambda s: s["state"][1].update(skipped=torch.tensor(2**62)), ValueError, r"'skipped' is 4611"),
+        # a negative scale flips the momentum's sign; above float32's range it would be Inf
+        (lambda s: s["state"][2]["absmax1"].__setitem__(1, -0.5), ValueError, "2: state 'absmax1' holds"),
+        (
+            lambda s: s["state"][2].update(absmax1=s["state"][2]["absmax1"].double().fill_(1e39)),
+            ValueError,
+            "2: state 'absmax1' holds .*beyond float32's range",
+        ),
         (lambda s: s["param_groups"].append(s["param_groups"][0]), ValueError, "groups"),
         (lambda s: s["param_groups"][0].update(momentum=1.5), ValueError, "momentum"),
         # NaN/Inf would make every later step of the tensor NaN (the last tensors fail, so

@@ -28,9 +28,11 @@ with a warning.
 Loading refuses (``ValueError``, naming the parameter and key) floating state
 that holds NaN or Inf: one such entry of the momentum, or one absmax, makes
 every later step of that tensor NaN, and skipping non-finite gradients cannot
-repair it. Float32 momentum loaded for a tensor that the optimizer keeps in
-8 bits is quantized on load, with a warning (it is lossy), so the optimizer
-holds the memory it was configured for.
+repair it. It also refuses negative or above-float32 scales (``absmax1``) and
+counters outside ``0 .. 2**53`` (:data:`cupylars.state.MAX_COUNT`).
+Float32 momentum loaded for a tensor that the optimizer keeps in 8 bits is
+quantized on load, with a warning (it is lossy), so the optimizer holds the
+memory it was configured for.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import numpy as np
 import torch
 
 from .. import quantization
-from ..state import HISTORY_SIZE, UNRECORDED
+from ..state import HISTORY_SIZE, MAX_ABSMAX, MAX_COUNT, UNRECORDED
 from . import bridge
 
 __all__ = ["BNB_WRAPPED_KEY", "CANONICAL_KEYS", "import_param_group", "import_param_state", "is_canonical"]
@@ -95,11 +97,13 @@ def _check_finite(label: str, saved: Mapping[str, Any]) -> None:
         if bridge.is_dtensor(value):
             bad = _any_nonfinite_sharded(value)
         else:
-            bad = not bool(torch.isfinite(value.detach()).all())
+            # As the float32 it becomes: a float64 1e39 would load as Inf.
+            bad = not bool(torch.isfinite(value.detach().to(torch.float32)).all())
         if bad:
             raise ValueError(
-                f"{label}: state {key!r} holds NaN or Inf; the checkpoint is corrupt (a non-finite "
-                "momentum or scale makes every later step of this tensor NaN)"
+                f"{label}: state {key!r} holds NaN or Inf (or values beyond float32's range); the "
+                "checkpoint is corrupt (a non-finite momentum or scale makes every later step of this "
+                "tensor NaN)"
             )
 
 
@@ -118,16 +122,38 @@ def _any_nonfinite_sharded(value: Any) -> bool:  # a DTensor
 
 
 def _count(label: str, key: str, value: Any) -> int:
+    """A saved counter as an exact int in ``0 .. MAX_COUNT`` (2**53)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{label}: state {key!r} must hold one number, got shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        if value.is_complex() or value.dtype == torch.bool or value.device.type == "meta":
+            kind = f"{value.dtype} tensor on {value.device}"
+            raise TypeError(f"{label}: state {key!r} must be a count, got a {kind}")
+        value = value.item()  # an int or a float, exactly as stored
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{label}: state {key!r} must be a count, got {value!r}")
-    number = float(value)
-    if number < 0 or number != int(number):
+    if isinstance(value, numbers.Integral):
+        number = int(value)  # exact: no float in between
+    elif not math.isfinite(value) or value != math.floor(value):
         raise ValueError(f"{label}: state {key!r} must be a non-negative integer, got {value}")
-    return int(number)
+    else:
+        number = int(float(value))  # a whole float (torch's float32 step tensors)
+    if not 0 <= number <= MAX_COUNT:
+        raise ValueError(
+            f"{label}: state {key!r} is {number}, outside 0..2**53 (cupylars.state.MAX_COUNT); "
+            "the checkpoint is corrupt"
+        )
+    return number
+
+
+def _check_scales(label: str, key: str, absmax: torch.Tensor) -> None:
+    """8-bit scales must be finite float32 values >= 0 (see cupylars.state.MAX_ABSMAX)."""
+    values = absmax.to("cpu", torch.float64)  # compared before any rounding to float32
+    if values.numel() and not bool(((values >= 0) & (values <= MAX_ABSMAX)).all()):
+        raise ValueError(
+            f"{label}: state {key!r} holds a negative, NaN, Inf or above-float32 scale; the checkpoint "
+            "is corrupt (a negative scale flips the momentum's sign, a non-finite one makes every step NaN)"
+        )
 
 
 def _tensor(label: str, key: str, value: Any) -> torch.Tensor:
@@ -174,6 +200,7 @@ def _import_8bit(label: str, param: torch.Tensor, codes: torch.Tensor, saved: Ma
                 "256-element blocks of the unsharded tensor; it loads only into an optimizer whose "
                 "parameter is sharded the same way (see docs/torch.md, Distributed training)"
             )
+        _check_scales(label, "absmax1", absmax)
         absmax = absmax.to("cpu", torch.float32)
         blocks = absmax.numel()
         if blocks == quantization.num_blocks(n) and same_book:
@@ -187,6 +214,7 @@ def _import_8bit(label: str, param: torch.Tensor, codes: torch.Tensor, saved: Ma
         max1 = _tensor(label, "max1", saved["max1"]).to("cpu", torch.float32).reshape(-1)
         if max1.numel() != 1:
             raise ValueError(f"{label}: max1 must hold one number, got {max1.numel()}")
+        _check_scales(label, "max1", max1)
         return _requantize(label, codes, book, max1.numpy(), max(n, 1), "has one absmax for the tensor")
     raise ValueError(f"{label}: 8-bit state1 without absmax1 or max1 cannot be decoded")
 

@@ -12,15 +12,17 @@ from copy import deepcopy
 from dataclasses import dataclass, replace
 from itertools import chain, compress, repeat
 from operator import attrgetter, is_, is_not
+from types import SimpleNamespace
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import functional as F
 from .._interrupts import interrupts_deferred
-from ..batch import PreparedBatch
+from ..batch import PreparedBatch, sharing_pairs
 from ..config import (
     HYPERPARAMETERS,
     LarsConfig,
@@ -354,6 +356,7 @@ class LARS(Optimizer):
         work = self._collect()
         if not work:
             return loss
+        self._check_disjoint()  # before any state is created
         for w in work:
             self._prepare_state(w)
         dense = [w for w in work if not w.sharded]
@@ -759,6 +762,27 @@ class LARS(Optimizer):
                 work.append(_Work(p, grad, *config, fmt, label, is_sharded, foreach, lr_tensor))
         return work
 
+    def _check_disjoint(self) -> None:
+        """Refuse parameters that share memory, across every param group: each is updated
+        on its own, so a shared element would be stepped twice (or raced on)."""
+        labels: list[str] = []
+        tensors: list[torch.Tensor] = []
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for pi, p in enumerate(group["params"]):
+                if bridge.local_tensor(p).device.type == "meta":
+                    continue  # no memory
+                tensors.append(p)
+                name = f"parameter {names[pi]!r}" if names else f"parameter {pi}"
+                labels.append(f"{name} of param group {gi}")
+        views = [_address_view(bridge.local_tensor(p)) for p in tensors]
+        for a, b in sharing_pairs(views):
+            what = "is the same tensor as" if tensors[a] is tensors[b] else "overlaps in memory with"
+            raise ValueError(
+                f"{type(self).__name__}: {labels[b]} {what} {labels[a]}: each parameter must own its "
+                "memory, or a step would update the shared elements twice"
+            )
+
     def _prepare_state(self, w: _Work) -> None:
         """Create, translate or move ``w``'s state so that the update can take views of it."""
         p = w.param
@@ -1030,10 +1054,27 @@ def _run(
             F.lars_update_many([param], [grad], [state], config=cfg, dtype=dtype)
 
 
+def _address_view(tensor: torch.Tensor) -> np.ndarray:
+    """A NumPy array at ``tensor``'s address, of its shape and byte strides, whose elements
+    are opaque bytes: what cupylars.batch's overlap check compares. Its memory is never
+    read (on a GPU it is device memory), only its addresses."""
+    itemsize = tensor.element_size()
+    interface = {
+        "version": 3,
+        "data": (tensor.data_ptr(), False),
+        "shape": tuple(tensor.shape),
+        "strides": tuple(s * itemsize for s in tensor.stride()),
+        "typestr": f"|V{itemsize}",
+    }
+    return np.asarray(SimpleNamespace(__array_interface__=interface))
+
+
 def _scalar(key: str, value: Any) -> Any:
     # A scheduler may hold lr as a tensor; the step needs a number. (The caller adds the
     # group's label; the message starts as torch.optim's.)
     if isinstance(value, torch.Tensor):
+        if value.device.type == "meta":
+            raise ValueError(f"{key} is a meta tensor, which holds no value; pass a number")
         if value.numel() != 1:
             raise ValueError(f"Tensor {key} must be 1-element, got a tensor of shape {tuple(value.shape)}")
         return value.item()
@@ -1059,6 +1100,8 @@ def _device_lr(group: dict[str, Any], override: dict[str, Any] | None) -> torch.
 
 
 def _check_device_lr(label: str, lr: torch.Tensor) -> None:
+    if lr.device.type == "meta":
+        raise ValueError(f"{label}: lr is a meta tensor, which holds no value; pass a number")
     if lr.numel() != 1:
         raise ValueError(
             f"{label}: Tensor lr must be 1-element, got a tensor of shape {tuple(lr.shape)} (a "

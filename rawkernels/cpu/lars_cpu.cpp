@@ -486,7 +486,7 @@ TensorCoef finalize_tensor(const long long* row, const double* totals, int perce
   if (c.switches & kSwitchPercentile) {  // 1. record ||g||^2, compare with the percentile
     float* history = address<float>(row, kFieldHistory);
     const float entry = static_cast<float>(sqrt(totals[kGG]) * sqrt(totals[kGG]));
-    const int slot = static_cast<int>(t % kHistory);
+    const int slot = history_slot(t);
     if (history[0] < 0.0f) {
       for (int i = 0; i < kHistory; ++i) history[i] = entry;
     } else {
