@@ -1012,3 +1012,14 @@ def test_loaded_skips_are_not_reported_again():
     assert _step_and_catch(twin, twin_params, _nan_at(params, set(), 2)) == []  # old skips: no warning
     warned = _step_and_catch(twin, twin_params, _nan_at(params, {0}, 2))  # a new one warns
     assert [k for k, _ in warned] == [1] and "0: 2" in warned[0][1]  # found after step 4
+
+
+def test_warnings_name_the_line_that_called_step():
+    """The skip warning points at the caller's line, whatever frames torch's decorators add
+    (no_grad, the torch.compile graph break, optimizer hooks)."""
+    p = torch.nn.Parameter(torch.randn(10))
+    opt = LARS([p], lr=0.1, momentum=0.9)
+    p.grad = torch.full_like(p, float("nan"))
+    with pytest.warns(RuntimeWarning, match="skipped the update") as record:
+        opt.step()
+    assert [w.filename for w in record if "skipped" in str(w.message)] == [__file__]

@@ -95,7 +95,8 @@ def test_a_multi_element_tensor_lr_raises_torchs_message_once_labelled(capturabl
         LARS(params, lr=torch.tensor([0.1, 0.2]), capturable=capturable)
     message = str(ours.value)
     assert str(torch_error.value) in message  # "Tensor lr must be 1-element"
-    assert message.startswith("LARS: ") and message.count("LARS: ") == 1, message  # labelled once, by the class
+    # labelled once, by the class called
+    assert message.startswith("LARS: ") and message.count("LARS: ") == 1, message
     assert "(2,)" in message  # and the shape it got
 
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,6 +46,7 @@ import numpy as np
 import torch
 
 from .. import quantization
+from .._warnings import warn_caller
 from ..state import HISTORY_SIZE, MAX_ABSMAX, MAX_COUNT, UNRECORDED
 from . import bridge
 
@@ -166,10 +166,9 @@ def _tensor(label: str, key: str, value: Any) -> torch.Tensor:
 
 def _requantize(label: str, codes: torch.Tensor, book: np.ndarray, scale: np.ndarray, block: int, why: str):
     """Decode foreign 8-bit momentum and quantize it again in our layout."""
-    warnings.warn(
+    warn_caller(
         f"{label}: 8-bit momentum {why}; it is re-quantized to blocks of "
-        f"{quantization.BLOCK_SIZE} (close, not bit-exact)",
-        stacklevel=4,
+        f"{quantization.BLOCK_SIZE} (close, not bit-exact)"
     )
     flat = codes.to("cpu").numpy().reshape(-1)
     n = flat.size
@@ -282,10 +281,9 @@ def import_param_state(
             out["state1"] = codes.to(device, copy=True).contiguous()
             out["absmax1"] = absmax.to(device, copy=True)
         elif momentum.is_floating_point() and eight_bit:
-            warnings.warn(
+            warn_caller(
                 f"{label}: float32 momentum loaded for a tensor this optimizer keeps in 8 bits; "
-                f"it is quantized to 8-bit blocks of {quantization.BLOCK_SIZE} (close, not bit-exact)",
-                stacklevel=3,
+                f"it is quantized to 8-bit blocks of {quantization.BLOCK_SIZE} (close, not bit-exact)"
             )
             m32 = momentum.to("cpu", torch.float32).numpy()
             codes, absmax = quantization.quantize_blockwise(np.ascontiguousarray(m32))

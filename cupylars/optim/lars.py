@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import sys
-import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
@@ -22,6 +21,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import functional as F
 from .._interrupts import interrupts_deferred
+from .._warnings import warn_caller
 from ..batch import PreparedBatch, sharing_pairs
 from ..config import (
     HYPERPARAMETERS,
@@ -481,13 +481,11 @@ class LARS(Optimizer):
         self._skip_warned = True
         listed = ", ".join(f"{k!r}: {v}" for k, v in list(skipped.items())[:8])
         more = f" and {len(skipped) - 8} more tensors" if len(skipped) > 8 else ""
-        warnings.warn(
+        warn_caller(
             f"{type(self).__name__} skipped the update of tensors whose gradient held NaN or Inf "
             f"(nonfinite='skip'); steps skipped so far: {listed}{more}. skipped_steps() reads the "
             "counts; nonfinite='raise' stops at the first one. This warning is issued once per optimizer.",
             RuntimeWarning,
-            # The user's step() call: above this, step, torch.no_grad's wrapper and Optimizer's hooks.
-            stacklevel=5,
         )
 
     # -- the fast step ---------------------------------------------------------------
@@ -823,7 +821,7 @@ class LARS(Optimizer):
             backend = self._device_backends[device] = bridge.backend_for_device(device)
             if not backend.zero_copy and backend.reason not in self._warned:
                 self._warned.add(backend.reason)
-                warnings.warn(f"cupylars.optim: {backend.reason}", RuntimeWarning, stacklevel=4)
+                warn_caller(f"cupylars.optim: {backend.reason}", RuntimeWarning)
         return backend
 
     def _update_dense(self, dense: list[_Work]) -> None:
@@ -1015,7 +1013,7 @@ class LARS(Optimizer):
         new_state.update(state)
         self.__setstate__({"state": new_state, "param_groups": groups})
         for message in changed_bits:
-            warnings.warn(message, stacklevel=2)
+            warn_caller(message)
         # Skips recorded in the checkpoint were reported (or not) by the optimizer that made it.
         self._skips_known = sum(self.skipped_steps().values())
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
