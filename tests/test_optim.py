@@ -20,6 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from cupylars import functional as F  # noqa: E402
+from cupylars.optim import step_plan  # noqa: E402
 from cupylars.optim import (  # noqa: E402
     LARS,
     GlobalOptimManager,
@@ -665,10 +666,16 @@ def test_exclude_bias_and_norm_groups_and_training():
 
 
 def _count_full_steps(monkeypatch, opt):
-    """Steps that gathered every parameter anew (not reusing the last step's views)."""
+    """Steps that built a new step plan (not reusing the last step's)."""
     full = []
-    collect = opt._collect
-    monkeypatch.setattr(opt, "_collect", lambda: full.append(1) or collect())
+    build = step_plan.build
+
+    def counted(owner, groups, state, resources):
+        if state is opt.state:
+            full.append(1)
+        return build(owner, groups, state, resources)
+
+    monkeypatch.setattr(step_plan, "build", counted)
     return full
 
 
@@ -695,7 +702,8 @@ def test_reused_steps_match_full_steps_through_every_change(emulated, monkeypatc
         hyper = dict(lr=0.2, momentum=0.9, weight_decay=1e-3, percentile_clipping=20, min_8bit_size=1000)
         opt = LARS8bit(groups, **hyper)
         if not reuse:
-            monkeypatch.setattr(opt, "_fast_step", lambda: False)
+            # every step builds its plan anew
+            opt.register_step_post_hook(lambda o, args, kwargs: setattr(o, "_plan", None))
         full = _count_full_steps(monkeypatch, opt)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.8)
         for k in range(16):
