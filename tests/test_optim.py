@@ -20,7 +20,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from cupylars import functional as F  # noqa: E402
-from cupylars.optim import step_plan  # noqa: E402
 from cupylars.optim import (  # noqa: E402
     LARS,
     GlobalOptimManager,
@@ -28,6 +27,7 @@ from cupylars.optim import (  # noqa: E402
     LARS32bit,
     bridge,
     exclude_bias_and_norm,
+    step_plan,
 )
 
 SHAPES = [(40, 128), (300,), (7, 3, 3), (4100,)]  # 5120 and 4100 elements reach min_8bit_size
@@ -1020,3 +1020,23 @@ def test_loaded_skips_are_not_reported_again():
     assert _step_and_catch(twin, twin_params, _nan_at(params, set(), 2)) == []  # old skips: no warning
     warned = _step_and_catch(twin, twin_params, _nan_at(params, {0}, 2))  # a new one warns
     assert [k for k, _ in warned] == [1] and "0: 2" in warned[0][1]  # found after step 4
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("cupylars._emulator") is None, reason="the CPU emulator of the kernels is absent"
+)
+def test_a_backend_block_after_reused_steps_takes_its_backend():
+    # Steps that reuse the last step's plan still follow a `cupylars.backends.use` block.
+    from cupylars.testing import emulated_cuda, reference
+
+    params = make_params()
+    opt = LARS32bit(params, lr=0.1, momentum=0.9)
+    for k in range(3):
+        _set_grads(params, k)
+        with reference():
+            opt.step()
+    assert opt.backends["cpu"].startswith("reference")
+    _set_grads(params, 3)
+    with emulated_cuda():
+        opt.step()
+    assert opt.backends["cpu"].startswith("emulated-cuda")
