@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import sys
 import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -37,6 +38,7 @@ __all__ = [
     "EmulatedGraph",
     "EmulatedRuntime",
     "GraphCaptureError",
+    "capturing_runtime",
     "cuda_include_dirs",
     "emulated_capture",
     "emulated_capture_active",
@@ -265,6 +267,19 @@ def _emulated_graph() -> EmulatedGraph | None:
 def emulated_capture_active() -> bool:
     """Whether this thread is inside :func:`emulated_capture`."""
     return _emulated_graph() is not None
+
+
+def capturing_runtime() -> str | None:
+    """The runtime whose CUDA graph capture is in progress on this thread's current stream:
+    ``"emulated-cuda"`` inside :func:`emulated_capture`, ``"cuda"`` while torch's current CUDA
+    stream is capturing (looked at only once torch has initialised CUDA: no CUDA call
+    otherwise), else None."""
+    if _emulated_graph() is not None:
+        return "emulated-cuda"
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        return "cuda"
+    return None
 
 
 def _memory_owner(a: np.ndarray) -> np.ndarray | None:

@@ -26,6 +26,7 @@ from cupylars import backends, cuda
 from cupylars import functional as F
 from cupylars.cuda_runtime import GRAD_PATCH_ROWS, EmulatedRuntime
 from cupylars.optim import LARS, LARS8bit, LARS32bit
+from cupylars.optim import capture as capture_module
 from cupylars.optim import lars as lars_module
 from cupylars.testing import GraphCaptureError, emulated_capture, emulated_stream
 
@@ -202,7 +203,7 @@ def test_graph_memory_lives_as_long_as_the_optimizer(emulated):
         if i == 2:
             # An eager step with fresh gradients (new tables) and a full re-plan in between;
             # the twin takes the same step.
-            opt._plans = None
+            opt._plan = None
             for p in params:
                 p.grad = p.grad.clone()
             opt.step()
@@ -228,7 +229,7 @@ def test_graph_memory_lives_as_long_as_the_optimizer(emulated):
 
     # Planted: the optimizer lets go of the graph's memory, as it did before capture support.
     opt._graph_keepalive.clear()
-    opt._plans = None
+    opt._plan = None
     for p in params:
         p.grad = p.grad.clone()
     opt.step()  # replaces the batches
@@ -240,7 +241,7 @@ def test_graph_memory_lives_as_long_as_the_optimizer(emulated):
 
 # ---- fresh gradients: zero_grad(set_to_none=True), then a backward inside the capture -------
 def _batches(opt) -> list:
-    return [b for plan in opt._plans for bucket in plan.buckets for b in (bucket.batches or [])]
+    return [b for bucket, _, _ in opt._plan.buckets for b in (bucket.batches or [])]
 
 
 def _plans(opt) -> list:
@@ -509,7 +510,7 @@ def test_cpu_tensors_under_a_torch_capture(emulated, monkeypatch):
     params = _params(9)
     opt = LARS(params, lr=0.1, capturable=True, **HP)
     _warm(opt, params)
-    monkeypatch.setattr(lars_module, "_capturing", lambda: True)
+    monkeypatch.setattr(capture_module, "capturing", lambda: True)
     with pytest.raises(GraphCaptureError, match="records only work on CUDA tensors"):
         opt.step()
 

@@ -27,6 +27,7 @@ from cupylars.optim import (  # noqa: E402
     LARS32bit,
     bridge,
     exclude_bias_and_norm,
+    step_plan,
 )
 
 SHAPES = [(40, 128), (300,), (7, 3, 3), (4100,)]  # 5120 and 4100 elements reach min_8bit_size
@@ -665,10 +666,16 @@ def test_exclude_bias_and_norm_groups_and_training():
 
 
 def _count_full_steps(monkeypatch, opt):
-    """Steps that gathered every parameter anew (not reusing the last step's views)."""
+    """Steps that built a new step plan (not reusing the last step's)."""
     full = []
-    collect = opt._collect
-    monkeypatch.setattr(opt, "_collect", lambda: full.append(1) or collect())
+    build = step_plan.build
+
+    def counted(owner, groups, state, resources):
+        if state is opt.state:
+            full.append(1)
+        return build(owner, groups, state, resources)
+
+    monkeypatch.setattr(step_plan, "build", counted)
     return full
 
 
@@ -695,7 +702,8 @@ def test_reused_steps_match_full_steps_through_every_change(emulated, monkeypatc
         hyper = dict(lr=0.2, momentum=0.9, weight_decay=1e-3, percentile_clipping=20, min_8bit_size=1000)
         opt = LARS8bit(groups, **hyper)
         if not reuse:
-            monkeypatch.setattr(opt, "_fast_step", lambda: False)
+            # every step builds its plan anew
+            opt.register_step_post_hook(lambda o, args, kwargs: setattr(o, "_plan", None))
         full = _count_full_steps(monkeypatch, opt)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.8)
         for k in range(16):
@@ -1023,3 +1031,23 @@ def test_warnings_name_the_line_that_called_step():
     with pytest.warns(RuntimeWarning, match="skipped the update") as record:
         opt.step()
     assert [w.filename for w in record if "skipped" in str(w.message)] == [__file__]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("cupylars._emulator") is None, reason="the CPU emulator of the kernels is absent"
+)
+def test_a_backend_block_after_reused_steps_takes_its_backend():
+    # Steps that reuse the last step's plan still follow a `cupylars.backends.use` block.
+    from cupylars.testing import emulated_cuda, reference
+
+    params = make_params()
+    opt = LARS32bit(params, lr=0.1, momentum=0.9)
+    for k in range(3):
+        _set_grads(params, k)
+        with reference():
+            opt.step()
+    assert opt.backends["cpu"].startswith("reference")
+    _set_grads(params, 3)
+    with emulated_cuda():
+        opt.step()
+    assert opt.backends["cpu"].startswith("emulated-cuda")
