@@ -18,7 +18,6 @@ at every step.
 from __future__ import annotations
 
 import sys
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain, compress, repeat
