@@ -23,7 +23,7 @@ import numpy as np
 
 from . import _interrupts, native, quantization
 from . import plan as tables
-from .config import NONFINITE_POLICIES, LarsConfig, nonfinite_error
+from .config import LarsConfig, nonfinite_error
 from .state import LarsState
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["WORK_PER_THREAD", "CpuBackend", "array_address", "num_threads", "step_work", "threads_for"]
 
 _CODE_MAP = quantization.dynamic_map()
+_CODE_MAP_ADDRESS = _CODE_MAP.ctypes.data
 
 
 def array_address(a: np.ndarray) -> int:
@@ -133,14 +134,13 @@ class CpuBackend:
 
         uses_m = cfg.uses_momentum
         stats_m = uses_m and cfg.clips_update_norm
-        need_p = cfg.uses_trust_ratio or cfg.clips_update_norm
         # What this call changes beyond the native call's own writes (momentum allocated
         # here, staged parameters written back) happens with Ctrl-C held back, so that an
         # interrupted step is either not started or complete.
         changes_more = bool(staged) or (uses_m and not batch.has_momentum)
         with _interrupts.interrupts_deferred() if changes_more else nullcontext():
             self._step_staged(
-                params, grads, grad_addresses, states, cfg, batch, staged, uses_m, stats_m, need_p
+                params, grads, grad_addresses, states, cfg, batch, staged, uses_m, stats_m
             )
 
     def _step_staged(
@@ -154,7 +154,6 @@ class CpuBackend:
         staged: list[tuple[int, np.ndarray]],
         uses_m: bool,
         stats_m: bool,
-        need_p: bool,
     ) -> None:
         live = batch.live
         allocated = []
@@ -177,19 +176,8 @@ class CpuBackend:
             chunk,
             partials.ctypes.data,
             coefs.ctypes.data,
-            _CODE_MAP.ctypes.data,
-            cfg.lr,
-            cfg.momentum,
-            cfg.dampening,
-            cfg.weight_decay,
-            cfg.trust_coefficient,
-            cfg.eps,
-            cfg.max_unorm,
-            cfg.percentile_clipping,
-            tables.switches(cfg),
-            NONFINITE_POLICIES.index(cfg.nonfinite),
-            int(need_p),
-            int(stats_m),
+            _CODE_MAP_ADDRESS,
+            tables.step_config(cfg).tobytes(),  # ctypes passes the bytes' address; the step copies them
             threads_for(plan.work),
         )
         if status != 0:

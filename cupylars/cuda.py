@@ -51,7 +51,7 @@ import numpy as np
 
 from . import plan as tables
 from . import quantization
-from .config import NONFINITE_POLICIES, LarsConfig, nonfinite_error
+from .config import LarsConfig, nonfinite_error
 from .cuda_runtime import (
     FINALIZE_THREADS,
     GRAD_PATCH,
@@ -327,32 +327,14 @@ class CudaBackend:
                     )
                 tensors = plan.tensors
 
+        # The hyperparameters travel by value (a host array, so a capture records them).
+        step = tables.step_config(cfg)
         self._launch(
             "lars_finalize",
             (plan.num_tensors,),
             (FINALIZE_THREADS,),
-            (
-                tensors,
-                scratch.partials,
-                scratch.coefs,
-                np.float64(cfg.lr),
-                lr_f64,
-                lr_f32,
-                np.float64(cfg.momentum),
-                np.float64(cfg.dampening),
-                np.float64(cfg.weight_decay),
-                np.float64(cfg.trust_coefficient),
-                np.float64(cfg.eps),
-                np.float64(cfg.max_unorm),
-                np.int32(cfg.percentile_clipping),
-                np.int32(tables.switches(cfg)),
-                np.int32(NONFINITE_POLICIES.index(cfg.nonfinite)),
-            ),
+            (tensors, scratch.partials, scratch.coefs, lr_f64, lr_f32, step),
         )
-        # float32 factors exactly as the reference rounds them
-        lam = np.float32(cfg.weight_decay)
-        mu = np.float32(cfg.momentum)
-        keep = np.float32(1.0 - cfg.dampening)
         if cfg.clips_update_norm:
             # ||u|| of the tensors finalize flagged (u nearly cancels) from u itself, then s
             # again; launched whatever the data, so the step has no host decision and captures.
@@ -360,18 +342,17 @@ class CudaBackend:
                 "lars_unorm_exact",
                 (plan.num_blocks,),
                 (THREADS,),
-                (tensors, plan.blocks, np.int32(chunk), scratch.coefs, code_table, lam, mu, keep,
-                 np.int32(cfg.nesterov), scratch.exact),
+                (tensors, plan.blocks, np.int32(chunk), scratch.coefs, code_table, step, scratch.exact),
             )
             self._launch(
                 "lars_unorm_finalize",
                 (plan.num_tensors,),
                 (FINALIZE_THREADS,),
-                (tensors, scratch.exact, scratch.coefs, np.float64(cfg.max_unorm)),
+                (tensors, scratch.exact, scratch.coefs, step),
             )
         # Launched last-first: the stats pass ended there, so that data may still be in L2.
-        tail = (scratch.coefs, code_table, lam, mu, keep, np.int32(cfg.nesterov))
-        self._launch_chunks(plan.host.update_runs[::-1], tensors, plan, chunk, *tail)
+        update_runs = plan.host.update_runs[::-1]
+        self._launch_chunks(update_runs, tensors, plan, chunk, scratch.coefs, code_table, step)
 
     # -- internals -------------------------------------------------------------------------------
     def _code_table(self, device: int, capturing: bool) -> Any:

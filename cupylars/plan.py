@@ -24,17 +24,20 @@ from typing import Any
 
 import numpy as np
 
+from .config import NONFINITE_POLICIES, LarsConfig
 from .formats import FORMATS
 from .state import LarsState
 
 __all__ = [
     "CHUNK_SIZE",
+    "STEP_CONFIG",
     "TENSOR_FIELDS",
     "Tables",
     "build_tables",
     "check_chunk",
     "check_no_overlap",
     "first_overlap",
+    "step_config",
 ]
 
 # ---- mirrors rawkernels/lars_math.h (tests/test_kernels_compile.py checks) ------------------
@@ -68,7 +71,46 @@ def check_chunk(chunk: int) -> int:
     return chunk
 
 
-def switches(cfg: Any) -> int:
+#: lars_math.h ``StepConfig``: a step's hyperparameters as every kernel takes them, field for
+#: field in the C order (float64 first, then int32; ``align=True`` pads as the compiler does).
+STEP_CONFIG = np.dtype(
+    [
+        ("lr", np.float64),
+        ("momentum", np.float64),
+        ("dampening", np.float64),
+        ("weight_decay", np.float64),
+        ("trust_coefficient", np.float64),
+        ("eps", np.float64),
+        ("max_unorm", np.float64),
+        ("percentile", np.int32),
+        ("switches", np.int32),
+        ("policy", np.int32),
+    ],
+    align=True,
+)
+
+
+def step_config(cfg: LarsConfig) -> np.ndarray:
+    """The :data:`STEP_CONFIG` of ``cfg``, as a size-1 array: the CUDA kernels take it by value
+    (CuPy 13 and 14 pass a size-1 host array by value, and so does the emulator), the
+    native step by address. A fresh array per step: a launch copies its bytes."""
+    out = np.empty(1, STEP_CONFIG)
+    out[0] = (
+        cfg.lr,
+        cfg.momentum,
+        cfg.dampening,
+        cfg.weight_decay,
+        cfg.trust_coefficient,
+        cfg.eps,
+        cfg.max_unorm,
+        cfg.percentile_clipping,
+        switches(cfg),
+        NONFINITE_POLICIES.index(cfg.nonfinite),
+    )
+    return out
+
+
+def switches(cfg: LarsConfig) -> int:
     """The finalize pass's switch bits of a :class:`~cupylars.config.LarsConfig`."""
     bits = 0
     bits |= SWITCH_PERCENTILE if cfg.clips_percentile else 0
