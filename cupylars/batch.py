@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain, repeat
 from operator import attrgetter, is_, is_not
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
-from .backends import Backend, ReferenceBackend
+from .backends import Backend, ReferenceBackend, refuse_device_lr
 from .config import LarsConfig
 from .formats import resolve_format
 from .plan import first_overlap, overlap_error
@@ -359,11 +359,9 @@ class PreparedBatch:
         lr_device: Any | None = None,
     ) -> None:
         """:meth:`update` for a caller that checked :meth:`holds_for` itself."""
-        takes_addresses = getattr(self.backend, "takes_addresses", False)
-        if lr_device is not None and not takes_addresses:
-            raise TypeError(
-                f"the {self.backend.name} backend reads lr from the config; lr_device needs a CUDA backend"
-            )
+        takes_addresses = self.backend.takes_addresses
+        if lr_device is not None and not self.backend.reads_device_lr:
+            refuse_device_lr(self.backend, lr_device)  # before anything is read or written
         if grads is not None:
             self.check_grads(params, grads)
         elif grad_addresses is None or not takes_addresses:
@@ -390,13 +388,9 @@ class PreparedBatch:
                     f"a counter of these states is at the maximum 2**53 (cupylars.state.MAX_COUNT): "
                     f"{self.names_at_bound(states)}; no step can follow, nothing was updated"
                 )
-        if lr_device is None:
-            self.backend.update_many(params, grads, states, config, self, grad_addresses=grad_addresses)
-        else:
-            # Only the CUDA backend takes it (checked above); the Backend protocol has no such keyword.
-            cast(Any, self.backend).update_many(
-                params, grads, states, config, self, grad_addresses=grad_addresses, lr_device=lr_device
-            )
+        self.backend.update_many(
+            params, grads, states, config, self, grad_addresses=grad_addresses, lr_device=lr_device
+        )
         # Each step adds at most one to each counter (the step or the skip).
         self.headroom -= 1
 

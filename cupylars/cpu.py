@@ -96,6 +96,7 @@ class CpuBackend:
 
     name = "cpu"
     takes_addresses = True  # update_many accepts grad_addresses for grads
+    reads_device_lr = False  # lr comes from the config
 
     def __init__(self, lib: Any, reason: str) -> None:
         self._step = lib.lars_cpu_step
@@ -112,8 +113,11 @@ class CpuBackend:
         cfg: LarsConfig,
         batch: PreparedBatch,
         grad_addresses: Sequence[int] | None = None,
+        lr_device: Any | None = None,
     ) -> None:
         """One LARS step over a prepared batch (see cupylars.batch)."""
+        if lr_device is not None:
+            raise TypeError("the cpu backend reads lr from the config; lr_device needs a CUDA backend")
         live = batch.live
         if not live:
             return

@@ -213,6 +213,7 @@ class CudaBackend:
     """Runs :func:`cupylars.functional.lars_update_many` through the CUDA kernels."""
 
     takes_addresses = True  # update_many accepts grad_addresses for grads
+    reads_device_lr = True  # update_many accepts lr_device for cfg.lr
 
     _RETIRED_KEPT = 32  # replaced tables kept alive (see _retired)
 
