@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain, repeat
 from operator import attrgetter, is_, is_not
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,6 +40,10 @@ from .config import LarsConfig
 from .formats import resolve_format
 from .plan import first_overlap, overlap_error
 from .state import MAX_COUNT, LarsState, array_module, check_values
+
+if TYPE_CHECKING:
+    from .cpu import CpuPlan, CpuPlanKey
+    from .cuda import CudaPlan, CudaPlanKey, CudaScratch
 
 __all__ = ["PreparedBatch", "module_of", "prepare", "sharing_pairs", "validate_grads", "validate_members"]
 
@@ -257,9 +261,10 @@ class PreparedBatch:
     shared_history: int | None = None
     host_arrays: bool = False  # NumPy arrays, whose write flags are checked at every step
     grad_types: list[type] | None = None  # of the gradients last validated
-    #: The backend's own: tables per (context, chunk, switches), scratch per context.
-    tables: dict[tuple, Any] = field(default_factory=dict)
-    scratch: dict[tuple, Any] = field(default_factory=dict)
+    #: The backends' own: tables per (context, chunk, switches), CUDA scratch per context.
+    cuda_plans: dict[CudaPlanKey, CudaPlan] = field(default_factory=dict)
+    cuda_scratch: dict[tuple, CudaScratch] = field(default_factory=dict)
+    cpu_plans: dict[CpuPlanKey, CpuPlan] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: Device arrays that a captured CUDA graph addresses: kept as long as the batch is, so
     #: that replacing tables or scratch in a later step never frees what a graph replays.
@@ -319,7 +324,8 @@ class PreparedBatch:
         versions, and no tables of the old arrays."""
         self.versions = list(map(_VERSION, states))
         self.has_momentum = all(states[i].has_momentum for i in self.live)
-        self.tables.clear()
+        self.cuda_plans.clear()
+        self.cpu_plans.clear()
 
     def update(
         self,

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import numpy as np
 
@@ -81,8 +81,16 @@ def threads_for(work: int) -> int:
     return max(1, min(num_threads(), work // WORK_PER_THREAD))
 
 
+class CpuPlanKey(NamedTuple):
+    """What a batch's native tables depend on besides its tensors."""
+
+    chunk: int
+    uses_m: bool
+    stats_m: bool
+
+
 @dataclass(eq=False)
-class _Plan:
+class CpuPlan:
     param_addresses: list[int]
     host: tables.Tables
     grad_addresses: list[int]
@@ -203,11 +211,11 @@ class CpuBackend:
         chunk: int,
         uses_m: bool,
         stats_m: bool,
-    ) -> _Plan:
+    ) -> CpuPlan:
         live = batch.live
         param_addresses = [array_address(params[i]) for i in live]
-        key = (chunk, uses_m, stats_m)
-        plan = batch.tables.get(key)
+        key = CpuPlanKey(chunk, uses_m, stats_m)
+        plan = batch.cpu_plans.get(key)
         if plan is None or plan.param_addresses != param_addresses:
             tables.check_no_overlap(live, param_addresses, [params[i].nbytes for i in live])
             for i in live:
@@ -231,7 +239,7 @@ class CpuBackend:
                 uses_m,
                 stats_m,
             )
-            plan = _Plan(
+            plan = CpuPlan(
                 param_addresses=param_addresses,
                 host=host,
                 grad_addresses=host.grad_addresses(),
@@ -239,7 +247,7 @@ class CpuBackend:
                 blocks_ptr=host.table.ctypes.data + host.num_tensors * tables.TENSOR_FIELDS * 8,
                 work=step_work([params[i].size for i in live], [states[i].is_8bit for i in live]),
             )
-            batch.tables[key] = plan
+            batch.cpu_plans[key] = plan
         if grads is not None:
             rows = [array_address(grads[i]) for i in plan.host.order]
         else:

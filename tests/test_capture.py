@@ -598,7 +598,7 @@ def test_backend_refuses_in_capture(emulated, plant):
     if plant != "no step":
         batch.update(params, grads, states, cfg)
     if plant.startswith("scratch"):
-        batch.scratch.clear()
+        batch.cuda_scratch.clear()
     if plant == "momentum":
         batch.has_momentum = False
     if plant.endswith("fresh grads"):

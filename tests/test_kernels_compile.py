@@ -312,9 +312,10 @@ def test_step_config_mirrors_the_header_for_nvrtc(arch):
     """The same layout as NVRTC compiles it (the GPU kernels take the struct by value)."""
     nvrtc = _nvrtc()
     source, _ = cuda.kernel_sources()
+    offsets = {name: plan.STEP_CONFIG.fields[name][1] for name in plan.STEP_CONFIG.names}
     asserts = "".join(
-        f"static_assert(offsetof(lars::StepConfig, {name}) == {plan.STEP_CONFIG.fields[name][1]}, \"{name}\");\n"
-        for name in plan.STEP_CONFIG.names
+        f'static_assert(offsetof(lars::StepConfig, {name}) == {at}, "{name}");\n'
+        for name, at in offsets.items()
     )
     program = (
         f'#include "lars_math.h"\n#define offsetof(T, f) __builtin_offsetof(T, f)\n{asserts}'
