@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from . import reference
+from .batch import refuse_device_lr
 from .config import LarsConfig
 from .state import LarsState
 
@@ -75,13 +76,6 @@ class Backend(Protocol):
         ``cfg.lr`` on backends that read a device lr."""
         ...
 
-
-def refuse_device_lr(backend: Backend, lr_device: Any | None) -> None:
-    """The error of a backend that reads lr from the config and was given ``lr_device``."""
-    if lr_device is not None:
-        raise TypeError(
-            f"the {backend.name} backend reads lr from the config; lr_device needs a CUDA backend"
-        )
 
 
 class ReferenceBackend:

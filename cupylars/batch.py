@@ -29,23 +29,31 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import chain, repeat
+from itertools import chain, pairwise, repeat
 from operator import attrgetter, is_, is_not
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .backends import Backend, ReferenceBackend, refuse_device_lr
 from .config import LarsConfig
 from .formats import resolve_format
-from .plan import first_overlap, overlap_error
 from .state import MAX_COUNT, LarsState, array_module, check_values
 
 if TYPE_CHECKING:
+    from .backends import Backend
     from .cpu import CpuPlan, CpuPlanKey
     from .cuda import CudaPlan, CudaPlanKey, CudaScratch
 
-__all__ = ["PreparedBatch", "module_of", "prepare", "sharing_pairs", "validate_grads", "validate_members"]
+__all__ = [
+    "PreparedBatch",
+    "check_no_overlap",
+    "module_of",
+    "prepare",
+    "refuse_device_lr",
+    "sharing_pairs",
+    "validate_grads",
+    "validate_members",
+]
 
 _VERSION = attrgetter("_version")
 _SHAPE = attrgetter("shape")
@@ -167,8 +175,28 @@ def _share_memory(a: Any, b: Any) -> bool:
     return True  # contiguous arrays fill their extents; CuPy: taken as shared
 
 
+def first_overlap(extents: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
+    """Indices of two entries of ``extents`` ([start, end) byte ranges) that overlap, or None."""
+    nonempty = [e for e in range(len(extents)) if extents[e][1] > extents[e][0]]
+    for a, b in pairwise(sorted(nonempty, key=extents.__getitem__)):
+        if extents[b][0] < extents[a][1]:
+            return (min(a, b), max(a, b))
+    return None
+
+
+def overlap_error(i: int, j: int) -> ValueError:
+    return ValueError(
+        f"params[{i}] and params[{j}] overlap in memory (views of one buffer): each parameter "
+        "must own its memory, or the result would depend on the order of the updates"
+    )
+
+
 def check_no_overlap(params: Sequence[Any], live: Sequence[int]) -> None:
-    """Two parameters of one call must not share memory: the update would race on it."""
+    """Two parameters of one call must not share memory: the update would race on it.
+
+    The one check of every backend (the reference at every step, the others when they
+    build tables for new parameter addresses): extents first, and where two overlap, whether
+    they share an element (interleaved strided views do not)."""
     pair = first_overlap([_extent(params[i]) for i in live])
     if pair is None:
         return
@@ -253,7 +281,6 @@ class PreparedBatch:
     shapes: list[tuple[int, ...]]
     formats: list[str]
     live: list[int]  # tensors with at least one element
-    nbytes: list[int]  # bytes of each parameter
     has_momentum: bool  # every live state holds its momentum arrays
     #: Steps this batch may take before a counter could pass MAX_COUNT (then read again).
     headroom: int = MAX_COUNT
@@ -319,6 +346,15 @@ class PreparedBatch:
         validate_grads(params, grads, self.formats, self.dtype)
         self.grad_types = list(map(type, grads))
 
+    def give_momentum(self, states: Sequence[LarsState], xp: Any) -> list[int]:
+        """Zeroed momentum arrays (in array module ``xp``) for the live states that have none,
+        then :meth:`renew`; returns the indices of the states that got them."""
+        allocated = [i for i in self.live if not states[i].has_momentum]
+        for i in allocated:
+            states[i].ensure_momentum(xp)
+        self.renew(states)
+        return allocated
+
     def renew(self, states: Sequence[LarsState]) -> None:
         """After the backend gave states their (zeroed) momentum arrays: the states' new
         versions, and no tables of the old arrays."""
@@ -374,12 +410,12 @@ class PreparedBatch:
             raise TypeError(f"the {self.backend.name} backend needs gradient arrays")
         elif len(grad_addresses) != len(self.versions):
             raise ValueError(f"{len(grad_addresses)} gradient addresses for {len(self.versions)} params")
+        reference = self.backend.name == "reference"
         if self.host_arrays:
             # What a remembered validation cannot vouch for: NumPy arrays made read-only in
             # place (the native and emulated backends check the parameters themselves).
-            reference = isinstance(self.backend, ReferenceBackend)
             check_writeable(params, states, self.live, params_too=reference)
-        if isinstance(self.backend, ReferenceBackend):
+        if reference:
             check_no_overlap(params, self.live)  # the others check it when they build tables
         if self.shared_history is not None and config.clips_percentile:
             raise ValueError(
@@ -441,13 +477,20 @@ def prepare(
         shapes=list(map(_SHAPE, params)),
         formats=formats,
         live=live,
-        nbytes=[int(p.nbytes) for p in params],
         has_momentum=all(states[i].has_momentum for i in live),
         shared_history=shared_history,
         host_arrays=all(array_module(p) is np for p in params),
     )
     batch.note_counters(counters[live])
     return batch
+
+
+def refuse_device_lr(backend: Backend, lr_device: Any | None) -> None:
+    """The error of a backend that reads lr from the config and was given ``lr_device``."""
+    if lr_device is not None:
+        raise TypeError(
+            f"the {backend.name} backend reads lr from the config; lr_device needs a CUDA backend"
+        )
 
 
 def check_writeable(

@@ -23,6 +23,7 @@ import numpy as np
 
 from . import _interrupts, native, quantization
 from . import plan as tables
+from .batch import check_no_overlap, refuse_device_lr
 from .config import LarsConfig, nonfinite_error
 from .state import LarsState
 
@@ -124,8 +125,7 @@ class CpuBackend:
         lr_device: Any | None = None,
     ) -> None:
         """One LARS step over a prepared batch (see cupylars.batch)."""
-        if lr_device is not None:
-            raise TypeError("the cpu backend reads lr from the config; lr_device needs a CUDA backend")
+        refuse_device_lr(self, lr_device)
         live = batch.live
         if not live:
             return
@@ -167,13 +167,7 @@ class CpuBackend:
         uses_m: bool,
         stats_m: bool,
     ) -> None:
-        live = batch.live
-        allocated = []
-        if uses_m and not batch.has_momentum:
-            allocated = [i for i in live if not states[i].has_momentum]
-            for i in allocated:
-                states[i].ensure_momentum(np)
-            batch.renew(states)
+        allocated = batch.give_momentum(states, np) if uses_m and not batch.has_momentum else []
         chunk = tables.check_chunk(tables.CHUNK_SIZE)
         with batch.lock:
             plan = self._plan(batch, params, grads, grad_addresses, states, chunk, uses_m, stats_m)
@@ -194,7 +188,7 @@ class CpuBackend:
         )
         if status != 0:
             for i in allocated:  # as they were: no momentum yet
-                states[i].momentum = states[i].codes = states[i].absmax = None
+                states[i].drop_momentum()
             gg = partials.reshape(-1, tables.SUMS)[:, 0]
             bad = sorted({int(i) for i in host.block_owner[~np.isfinite(gg)]})
             raise nonfinite_error(bad)
@@ -217,7 +211,7 @@ class CpuBackend:
         key = CpuPlanKey(chunk, uses_m, stats_m)
         plan = batch.cpu_plans.get(key)
         if plan is None or plan.param_addresses != param_addresses:
-            tables.check_no_overlap(live, param_addresses, [params[i].nbytes for i in live])
+            check_no_overlap(params, live)
             for i in live:
                 for name, a in states[i].arrays().items():
                     if not (a.flags.c_contiguous and a.flags.writeable):

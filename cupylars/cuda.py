@@ -51,6 +51,7 @@ import numpy as np
 
 from . import plan as tables
 from . import quantization
+from .batch import check_no_overlap
 from .config import LarsConfig, nonfinite_error
 from .cuda_runtime import (
     FINALIZE_THREADS,
@@ -64,7 +65,7 @@ from .cuda_runtime import (
     kernel_names,
     kernel_sources,
 )
-from .plan import COEF_WORDS, SUMS, TENSOR_FIELDS, check_no_overlap
+from .plan import COEF_WORDS, SUMS, TENSOR_FIELDS
 from .state import LarsState
 
 if TYPE_CHECKING:
@@ -519,6 +520,7 @@ class CudaBackend:
                 assert grad_addresses is not None  # one of the two, by update_many's contract
                 rows = list(map(grad_addresses.__getitem__, live))
             _check_grad_alignment(rows, live, [batch.dtypes[i].itemsize for i in live])
+            check_no_overlap(params, live)
             if plan is not None:
                 self._retire_plan(plan)
             if batch not in self._watched:
@@ -564,11 +566,9 @@ class CudaBackend:
     def _give_momentum(self, batch: PreparedBatch, states: Sequence[LarsState]) -> None:
         """Zeroed momentum arrays for every live state; the batch's tables of the old
         arrays go."""
-        for i in batch.live:
-            states[i].ensure_momentum(self.runtime.xp)
         for plan in batch.cuda_plans.values():
             self._retire_plan(plan)
-        batch.renew(states)
+        batch.give_momentum(states, self.runtime.xp)
 
     def _retire_all(self, plans: dict[CudaPlanKey, CudaPlan]) -> None:
         for plan in plans.values():
@@ -598,7 +598,6 @@ class CudaBackend:
         need_p: bool,
     ) -> CudaPlan:
         """Tables for the live tensors; both address lists follow ``batch.live``."""
-        check_no_overlap(batch.live, param_addresses, [batch.nbytes[i] for i in batch.live])
         host = tables.build_tables(
             batch.formats,
             [d.itemsize for d in batch.dtypes],

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -35,8 +34,6 @@ __all__ = [
     "Tables",
     "build_tables",
     "check_chunk",
-    "check_no_overlap",
-    "first_overlap",
     "step_config",
 ]
 
@@ -257,27 +254,4 @@ def build_tables(
         stats_runs=[tuple(r) for r in stats_runs],
         update_runs=[tuple(r) for r in update_runs],
         block_owner=owner,
-    )
-
-
-def first_overlap(extents: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
-    """Indices of two entries of ``extents`` ([start, end) byte ranges) that overlap, or None."""
-    nonempty = [e for e in range(len(extents)) if extents[e][1] > extents[e][0]]
-    for a, b in pairwise(sorted(nonempty, key=extents.__getitem__)):
-        if extents[b][0] < extents[a][1]:
-            return (min(a, b), max(a, b))
-    return None
-
-
-def check_no_overlap(live: Sequence[int], addresses: Sequence[int], nbytes: Sequence[int]) -> None:
-    """Refuse parameters whose memory overlaps: the chunks of one step would race on it."""
-    pair = first_overlap([(a, a + n) for a, n in zip(addresses, nbytes)])
-    if pair is not None:
-        raise overlap_error(live[pair[0]], live[pair[1]])
-
-
-def overlap_error(i: int, j: int) -> ValueError:
-    return ValueError(
-        f"params[{i}] and params[{j}] overlap in memory (views of one buffer): each parameter "
-        "must own its memory, or the result would depend on the order of the updates"
     )
