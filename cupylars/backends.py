@@ -85,6 +85,7 @@ class ReferenceBackend:
         name: ``'reference'``.
         reason: why it was chosen (asked for, or the native backend is unavailable).
         takes_addresses: False: it needs gradient arrays.
+        reads_device_lr: False: lr comes from the config.
     """
 
     name = "reference"

@@ -244,7 +244,7 @@ def _batches(opt) -> list:
 
 
 def _plans(opt) -> list:
-    return [plan for batch in _batches(opt) for plan in batch.tables.values()]
+    return [plan for batch in _batches(opt) for plan in batch.cuda_plans.values()]
 
 
 def _fresh_grads_scenario(cls, foreach: bool, allocate: str) -> None:
