@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from . import reference
+from .batch import refuse_device_lr
 from .config import LarsConfig
 from .state import LarsState
 
@@ -50,11 +51,13 @@ class Backend(Protocol):
         reason: why this backend updates these arrays (what :func:`select` saw).
         takes_addresses: whether ``update_many`` accepts gradient addresses instead of
             arrays.
+        reads_device_lr: whether ``update_many`` accepts ``lr_device`` (the CUDA backends).
     """
 
     name: str  # "reference", "cpu", "cuda" or "emulated-cuda"
     reason: str  # why this backend updates these arrays
     takes_addresses: bool  # update_many accepts gradient addresses instead of arrays
+    reads_device_lr: bool  # update_many accepts lr_device
 
     def update_many(
         self,
@@ -64,11 +67,15 @@ class Backend(Protocol):
         cfg: LarsConfig,
         batch: PreparedBatch,
         grad_addresses: Sequence[int] | None = None,
+        lr_device: Any | None = None,
     ) -> None:
         """One step of a prepared batch (:mod:`cupylars.batch`: formats, live tensors, and
         the backend's tables and scratch); ``grad_addresses`` may stand in for ``grads``
-        on backends that take addresses."""
+        on backends that take addresses; ``lr_device`` (an array of one float32 or float64
+        element on the device, read for lr when the kernels run) may stand in for
+        ``cfg.lr`` on backends that read a device lr."""
         ...
+
 
 
 class ReferenceBackend:
@@ -78,10 +85,12 @@ class ReferenceBackend:
         name: ``'reference'``.
         reason: why it was chosen (asked for, or the native backend is unavailable).
         takes_addresses: False: it needs gradient arrays.
+        reads_device_lr: False: lr comes from the config.
     """
 
     name = "reference"
     takes_addresses = False
+    reads_device_lr = False
 
     def __init__(self, reason: str) -> None:
         self.reason = reason
@@ -97,8 +106,10 @@ class ReferenceBackend:
         cfg: LarsConfig,
         batch: PreparedBatch,
         grad_addresses: Sequence[int] | None = None,
+        lr_device: Any | None = None,
     ) -> None:
         """One step of the batch, tensor by tensor (see :meth:`Backend.update_many`)."""
+        refuse_device_lr(self, lr_device)
         if grads is None:
             raise TypeError("the reference backend needs gradient arrays, not addresses")
         allocating = cfg.uses_momentum and not batch.has_momentum

@@ -29,19 +29,31 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import chain, repeat
+from itertools import chain, pairwise, repeat
 from operator import attrgetter, is_, is_not
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .backends import Backend, ReferenceBackend
 from .config import LarsConfig
 from .formats import resolve_format
-from .plan import first_overlap, overlap_error
 from .state import MAX_COUNT, LarsState, array_module, check_values
 
-__all__ = ["PreparedBatch", "module_of", "prepare", "sharing_pairs", "validate_grads", "validate_members"]
+if TYPE_CHECKING:
+    from .backends import Backend
+    from .cpu import CpuPlan, CpuPlanKey
+    from .cuda import CudaPlan, CudaPlanKey, CudaScratch
+
+__all__ = [
+    "PreparedBatch",
+    "check_no_overlap",
+    "module_of",
+    "prepare",
+    "refuse_device_lr",
+    "sharing_pairs",
+    "validate_grads",
+    "validate_members",
+]
 
 _VERSION = attrgetter("_version")
 _SHAPE = attrgetter("shape")
@@ -163,8 +175,28 @@ def _share_memory(a: Any, b: Any) -> bool:
     return True  # contiguous arrays fill their extents; CuPy: taken as shared
 
 
+def first_overlap(extents: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
+    """Indices of two entries of ``extents`` ([start, end) byte ranges) that overlap, or None."""
+    nonempty = [e for e in range(len(extents)) if extents[e][1] > extents[e][0]]
+    for a, b in pairwise(sorted(nonempty, key=extents.__getitem__)):
+        if extents[b][0] < extents[a][1]:
+            return (min(a, b), max(a, b))
+    return None
+
+
+def overlap_error(i: int, j: int) -> ValueError:
+    return ValueError(
+        f"params[{i}] and params[{j}] overlap in memory (views of one buffer): each parameter "
+        "must own its memory, or the result would depend on the order of the updates"
+    )
+
+
 def check_no_overlap(params: Sequence[Any], live: Sequence[int]) -> None:
-    """Two parameters of one call must not share memory: the update would race on it."""
+    """Two parameters of one call must not share memory: the update would race on it.
+
+    The one check of every backend (the reference at every step, the others when they
+    build tables for new parameter addresses): extents first, and where two overlap, whether
+    they share an element (interleaved strided views do not)."""
     pair = first_overlap([_extent(params[i]) for i in live])
     if pair is None:
         return
@@ -249,7 +281,6 @@ class PreparedBatch:
     shapes: list[tuple[int, ...]]
     formats: list[str]
     live: list[int]  # tensors with at least one element
-    nbytes: list[int]  # bytes of each parameter
     has_momentum: bool  # every live state holds its momentum arrays
     #: Steps this batch may take before a counter could pass MAX_COUNT (then read again).
     headroom: int = MAX_COUNT
@@ -257,9 +288,10 @@ class PreparedBatch:
     shared_history: int | None = None
     host_arrays: bool = False  # NumPy arrays, whose write flags are checked at every step
     grad_types: list[type] | None = None  # of the gradients last validated
-    #: The backend's own: tables per (context, chunk, switches), scratch per context.
-    tables: dict[tuple, Any] = field(default_factory=dict)
-    scratch: dict[tuple, Any] = field(default_factory=dict)
+    #: The backends' own: tables per (context, chunk, switches), CUDA scratch per context.
+    cuda_plans: dict[CudaPlanKey, CudaPlan] = field(default_factory=dict)
+    cuda_scratch: dict[tuple, CudaScratch] = field(default_factory=dict)
+    cpu_plans: dict[CpuPlanKey, CpuPlan] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: Device arrays that a captured CUDA graph addresses: kept as long as the batch is, so
     #: that replacing tables or scratch in a later step never frees what a graph replays.
@@ -314,12 +346,22 @@ class PreparedBatch:
         validate_grads(params, grads, self.formats, self.dtype)
         self.grad_types = list(map(type, grads))
 
+    def give_momentum(self, states: Sequence[LarsState], xp: Any) -> list[int]:
+        """Zeroed momentum arrays (in array module ``xp``) for the live states that have none,
+        then :meth:`renew`; returns the indices of the states that got them."""
+        allocated = [i for i in self.live if not states[i].has_momentum]
+        for i in allocated:
+            states[i].ensure_momentum(xp)
+        self.renew(states)
+        return allocated
+
     def renew(self, states: Sequence[LarsState]) -> None:
         """After the backend gave states their (zeroed) momentum arrays: the states' new
         versions, and no tables of the old arrays."""
         self.versions = list(map(_VERSION, states))
         self.has_momentum = all(states[i].has_momentum for i in self.live)
-        self.tables.clear()
+        self.cuda_plans.clear()
+        self.cpu_plans.clear()
 
     def update(
         self,
@@ -359,23 +401,21 @@ class PreparedBatch:
         lr_device: Any | None = None,
     ) -> None:
         """:meth:`update` for a caller that checked :meth:`holds_for` itself."""
-        takes_addresses = getattr(self.backend, "takes_addresses", False)
-        if lr_device is not None and not takes_addresses:
-            raise TypeError(
-                f"the {self.backend.name} backend reads lr from the config; lr_device needs a CUDA backend"
-            )
+        takes_addresses = self.backend.takes_addresses
+        if lr_device is not None and not self.backend.reads_device_lr:
+            refuse_device_lr(self.backend, lr_device)  # before anything is read or written
         if grads is not None:
             self.check_grads(params, grads)
         elif grad_addresses is None or not takes_addresses:
             raise TypeError(f"the {self.backend.name} backend needs gradient arrays")
         elif len(grad_addresses) != len(self.versions):
             raise ValueError(f"{len(grad_addresses)} gradient addresses for {len(self.versions)} params")
+        reference = self.backend.name == "reference"
         if self.host_arrays:
             # What a remembered validation cannot vouch for: NumPy arrays made read-only in
             # place (the native and emulated backends check the parameters themselves).
-            reference = isinstance(self.backend, ReferenceBackend)
             check_writeable(params, states, self.live, params_too=reference)
-        if isinstance(self.backend, ReferenceBackend):
+        if reference:
             check_no_overlap(params, self.live)  # the others check it when they build tables
         if self.shared_history is not None and config.clips_percentile:
             raise ValueError(
@@ -390,13 +430,9 @@ class PreparedBatch:
                     f"a counter of these states is at the maximum 2**53 (cupylars.state.MAX_COUNT): "
                     f"{self.names_at_bound(states)}; no step can follow, nothing was updated"
                 )
-        if lr_device is None:
-            self.backend.update_many(params, grads, states, config, self, grad_addresses=grad_addresses)
-        else:
-            # Only the CUDA backend takes it (checked above); the Backend protocol has no such keyword.
-            cast(Any, self.backend).update_many(
-                params, grads, states, config, self, grad_addresses=grad_addresses, lr_device=lr_device
-            )
+        self.backend.update_many(
+            params, grads, states, config, self, grad_addresses=grad_addresses, lr_device=lr_device
+        )
         # Each step adds at most one to each counter (the step or the skip).
         self.headroom -= 1
 
@@ -441,13 +477,20 @@ def prepare(
         shapes=list(map(_SHAPE, params)),
         formats=formats,
         live=live,
-        nbytes=[int(p.nbytes) for p in params],
         has_momentum=all(states[i].has_momentum for i in live),
         shared_history=shared_history,
         host_arrays=all(array_module(p) is np for p in params),
     )
     batch.note_counters(counters[live])
     return batch
+
+
+def refuse_device_lr(backend: Backend, lr_device: Any | None) -> None:
+    """The error of a backend that reads lr from the config and was given ``lr_device``."""
+    if lr_device is not None:
+        raise TypeError(
+            f"the {backend.name} backend reads lr from the config; lr_device needs a CUDA backend"
+        )
 
 
 def check_writeable(

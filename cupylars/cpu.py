@@ -17,13 +17,14 @@ import threading
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import numpy as np
 
 from . import _interrupts, native, quantization
 from . import plan as tables
-from .config import NONFINITE_POLICIES, LarsConfig, nonfinite_error
+from .batch import check_no_overlap, refuse_device_lr
+from .config import LarsConfig, nonfinite_error
 from .state import LarsState
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["WORK_PER_THREAD", "CpuBackend", "array_address", "num_threads", "step_work", "threads_for"]
 
 _CODE_MAP = quantization.dynamic_map()
+_CODE_MAP_ADDRESS = _CODE_MAP.ctypes.data
 
 
 def array_address(a: np.ndarray) -> int:
@@ -80,8 +82,16 @@ def threads_for(work: int) -> int:
     return max(1, min(num_threads(), work // WORK_PER_THREAD))
 
 
+class CpuPlanKey(NamedTuple):
+    """What a batch's native tables depend on besides its tensors."""
+
+    chunk: int
+    uses_m: bool
+    stats_m: bool
+
+
 @dataclass(eq=False)
-class _Plan:
+class CpuPlan:
     param_addresses: list[int]
     host: tables.Tables
     grad_addresses: list[int]
@@ -95,6 +105,7 @@ class CpuBackend:
 
     name = "cpu"
     takes_addresses = True  # update_many accepts grad_addresses for grads
+    reads_device_lr = False  # lr comes from the config
 
     def __init__(self, lib: Any, reason: str) -> None:
         self._step = lib.lars_cpu_step
@@ -111,8 +122,10 @@ class CpuBackend:
         cfg: LarsConfig,
         batch: PreparedBatch,
         grad_addresses: Sequence[int] | None = None,
+        lr_device: Any | None = None,
     ) -> None:
         """One LARS step over a prepared batch (see cupylars.batch)."""
+        refuse_device_lr(self, lr_device)
         live = batch.live
         if not live:
             return
@@ -133,14 +146,13 @@ class CpuBackend:
 
         uses_m = cfg.uses_momentum
         stats_m = uses_m and cfg.clips_update_norm
-        need_p = cfg.uses_trust_ratio or cfg.clips_update_norm
         # What this call changes beyond the native call's own writes (momentum allocated
         # here, staged parameters written back) happens with Ctrl-C held back, so that an
         # interrupted step is either not started or complete.
         changes_more = bool(staged) or (uses_m and not batch.has_momentum)
         with _interrupts.interrupts_deferred() if changes_more else nullcontext():
             self._step_staged(
-                params, grads, grad_addresses, states, cfg, batch, staged, uses_m, stats_m, need_p
+                params, grads, grad_addresses, states, cfg, batch, staged, uses_m, stats_m
             )
 
     def _step_staged(
@@ -154,15 +166,8 @@ class CpuBackend:
         staged: list[tuple[int, np.ndarray]],
         uses_m: bool,
         stats_m: bool,
-        need_p: bool,
     ) -> None:
-        live = batch.live
-        allocated = []
-        if uses_m and not batch.has_momentum:
-            allocated = [i for i in live if not states[i].has_momentum]
-            for i in allocated:
-                states[i].ensure_momentum(np)
-            batch.renew(states)
+        allocated = batch.give_momentum(states, np) if uses_m and not batch.has_momentum else []
         chunk = tables.check_chunk(tables.CHUNK_SIZE)
         with batch.lock:
             plan = self._plan(batch, params, grads, grad_addresses, states, chunk, uses_m, stats_m)
@@ -177,24 +182,13 @@ class CpuBackend:
             chunk,
             partials.ctypes.data,
             coefs.ctypes.data,
-            _CODE_MAP.ctypes.data,
-            cfg.lr,
-            cfg.momentum,
-            cfg.dampening,
-            cfg.weight_decay,
-            cfg.trust_coefficient,
-            cfg.eps,
-            cfg.max_unorm,
-            cfg.percentile_clipping,
-            tables.switches(cfg),
-            NONFINITE_POLICIES.index(cfg.nonfinite),
-            int(need_p),
-            int(stats_m),
+            _CODE_MAP_ADDRESS,
+            tables.step_config(cfg).tobytes(),  # ctypes passes the bytes' address; the step copies them
             threads_for(plan.work),
         )
         if status != 0:
             for i in allocated:  # as they were: no momentum yet
-                states[i].momentum = states[i].codes = states[i].absmax = None
+                states[i].drop_momentum()
             gg = partials.reshape(-1, tables.SUMS)[:, 0]
             bad = sorted({int(i) for i in host.block_owner[~np.isfinite(gg)]})
             raise nonfinite_error(bad)
@@ -211,13 +205,13 @@ class CpuBackend:
         chunk: int,
         uses_m: bool,
         stats_m: bool,
-    ) -> _Plan:
+    ) -> CpuPlan:
         live = batch.live
         param_addresses = [array_address(params[i]) for i in live]
-        key = (chunk, uses_m, stats_m)
-        plan = batch.tables.get(key)
+        key = CpuPlanKey(chunk, uses_m, stats_m)
+        plan = batch.cpu_plans.get(key)
         if plan is None or plan.param_addresses != param_addresses:
-            tables.check_no_overlap(live, param_addresses, [params[i].nbytes for i in live])
+            check_no_overlap(params, live)
             for i in live:
                 for name, a in states[i].arrays().items():
                     if not (a.flags.c_contiguous and a.flags.writeable):
@@ -239,7 +233,7 @@ class CpuBackend:
                 uses_m,
                 stats_m,
             )
-            plan = _Plan(
+            plan = CpuPlan(
                 param_addresses=param_addresses,
                 host=host,
                 grad_addresses=host.grad_addresses(),
@@ -247,7 +241,7 @@ class CpuBackend:
                 blocks_ptr=host.table.ctypes.data + host.num_tensors * tables.TENSOR_FIELDS * 8,
                 work=step_work([params[i].size for i in live], [states[i].is_8bit for i in live]),
             )
-            batch.tables[key] = plan
+            batch.cpu_plans[key] = plan
         if grads is not None:
             rows = [array_address(grads[i]) for i in plan.host.order]
         else:

@@ -45,13 +45,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from . import plan as tables
 from . import quantization
-from .config import NONFINITE_POLICIES, LarsConfig, nonfinite_error
+from .batch import check_no_overlap
+from .config import LarsConfig, nonfinite_error
 from .cuda_runtime import (
     FINALIZE_THREADS,
     GRAD_PATCH,
@@ -64,7 +65,7 @@ from .cuda_runtime import (
     kernel_names,
     kernel_sources,
 )
-from .plan import COEF_WORDS, SUMS, TENSOR_FIELDS, check_no_overlap
+from .plan import COEF_WORDS, SUMS, TENSOR_FIELDS
 from .state import LarsState
 
 if TYPE_CHECKING:
@@ -112,8 +113,18 @@ def record_launches() -> Iterator[list[tuple[str, tuple[int, ...], tuple[int, ..
 
 
 # ---- metadata -----------------------------------------------------------------------------------
+class CudaPlanKey(NamedTuple):
+    """What a batch's CUDA tables depend on besides its tensors."""
+
+    context: tuple  # the runtime's context (device)
+    chunk: int
+    uses_m: bool
+    stats_m: bool
+    need_p: bool
+
+
 @dataclass(eq=False)
-class _Plan:
+class CudaPlan:
     """Device tables for one list of parameters and states (cached while their arrays stay put).
 
     Everything here depends on the parameters and states only, except the
@@ -155,7 +166,7 @@ class _Plan:
 
 
 @dataclass
-class _Scratch:
+class CudaScratch:
     partials: Any  # float64, SUMS per block
     coefs: Any  # int32, COEF_WORDS per tensor
     exact: Any  # float64, one per block: ||u||^2 of the chunk (lars_unorm_exact)
@@ -213,6 +224,7 @@ class CudaBackend:
     """Runs :func:`cupylars.functional.lars_update_many` through the CUDA kernels."""
 
     takes_addresses = True  # update_many accepts grad_addresses for grads
+    reads_device_lr = True  # update_many accepts lr_device for cfg.lr
 
     _RETIRED_KEPT = 32  # replaced tables kept alive (see _retired)
 
@@ -327,32 +339,14 @@ class CudaBackend:
                     )
                 tensors = plan.tensors
 
+        # The hyperparameters travel by value (a host array, so a capture records them).
+        step = tables.step_config(cfg)
         self._launch(
             "lars_finalize",
             (plan.num_tensors,),
             (FINALIZE_THREADS,),
-            (
-                tensors,
-                scratch.partials,
-                scratch.coefs,
-                np.float64(cfg.lr),
-                lr_f64,
-                lr_f32,
-                np.float64(cfg.momentum),
-                np.float64(cfg.dampening),
-                np.float64(cfg.weight_decay),
-                np.float64(cfg.trust_coefficient),
-                np.float64(cfg.eps),
-                np.float64(cfg.max_unorm),
-                np.int32(cfg.percentile_clipping),
-                np.int32(tables.switches(cfg)),
-                np.int32(NONFINITE_POLICIES.index(cfg.nonfinite)),
-            ),
+            (tensors, scratch.partials, scratch.coefs, lr_f64, lr_f32, step),
         )
-        # float32 factors exactly as the reference rounds them
-        lam = np.float32(cfg.weight_decay)
-        mu = np.float32(cfg.momentum)
-        keep = np.float32(1.0 - cfg.dampening)
         if cfg.clips_update_norm:
             # ||u|| of the tensors finalize flagged (u nearly cancels) from u itself, then s
             # again; launched whatever the data, so the step has no host decision and captures.
@@ -360,18 +354,17 @@ class CudaBackend:
                 "lars_unorm_exact",
                 (plan.num_blocks,),
                 (THREADS,),
-                (tensors, plan.blocks, np.int32(chunk), scratch.coefs, code_table, lam, mu, keep,
-                 np.int32(cfg.nesterov), scratch.exact),
+                (tensors, plan.blocks, np.int32(chunk), scratch.coefs, code_table, step, scratch.exact),
             )
             self._launch(
                 "lars_unorm_finalize",
                 (plan.num_tensors,),
                 (FINALIZE_THREADS,),
-                (tensors, scratch.exact, scratch.coefs, np.float64(cfg.max_unorm)),
+                (tensors, scratch.exact, scratch.coefs, step),
             )
         # Launched last-first: the stats pass ended there, so that data may still be in L2.
-        tail = (scratch.coefs, code_table, lam, mu, keep, np.int32(cfg.nesterov))
-        self._launch_chunks(plan.host.update_runs[::-1], tensors, plan, chunk, *tail)
+        update_runs = plan.host.update_runs[::-1]
+        self._launch_chunks(update_runs, tensors, plan, chunk, scratch.coefs, code_table, step)
 
     # -- internals -------------------------------------------------------------------------------
     def _code_table(self, device: int, capturing: bool) -> Any:
@@ -405,7 +398,7 @@ class CudaBackend:
         return tables.check_chunk(self.chunk_size if self.chunk_size is not None else tables.CHUNK_SIZE)
 
     def _launch_chunks(
-        self, runs: Sequence[tuple[str, int, int]], tensors: Any, plan: _Plan, chunk: int, *tail: Any
+        self, runs: Sequence[tuple[str, int, int]], tensors: Any, plan: CudaPlan, chunk: int, *tail: Any
     ) -> None:
         """One launch per run of blocks; the stats and update kernels share their leading
         arguments. ``tensors``: the plan's rows, or its graph rows in a capture over new
@@ -414,7 +407,7 @@ class CudaBackend:
             args = (tensors, plan.blocks, np.int32(first), np.int32(chunk), *tail)
             self._launch(kernel, (count,), (THREADS,), args)
 
-    def _record_grads(self, plan: _Plan, grad_addresses: list[int]) -> None:
+    def _record_grads(self, plan: CudaPlan, grad_addresses: list[int]) -> None:
         """Launches (inside a capture: recorded) that write ``grad_addresses`` (row order) and
         their quad-access flags into every row of ``plan.graph_rows``.
 
@@ -500,7 +493,7 @@ class CudaBackend:
         stats_m: bool,
         need_p: bool,
         capturing: bool,
-    ) -> tuple[_Plan, list[int] | None]:
+    ) -> tuple[CudaPlan, list[int] | None]:
         """The batch's tables for this step, and, inside a capture over gradients at other
         addresses than the tables hold, those addresses in row order (for _record_grads;
         else None). Outside a capture, moved gradients are written into the rows and
@@ -508,8 +501,8 @@ class CudaBackend:
         address = self.runtime.address
         live = batch.live
         param_addresses = list(map(address, map(params.__getitem__, live)))
-        key = (ctx, chunk, uses_m, stats_m, need_p)
-        plan = batch.tables.get(key)
+        key = CudaPlanKey(ctx, chunk, uses_m, stats_m, need_p)
+        plan = batch.cuda_plans.get(key)
         if plan is None or plan.param_addresses != param_addresses:
             if capturing:
                 why = "no step of this batch has run with these switches" if plan is None else (
@@ -527,14 +520,15 @@ class CudaBackend:
                 assert grad_addresses is not None  # one of the two, by update_many's contract
                 rows = list(map(grad_addresses.__getitem__, live))
             _check_grad_alignment(rows, live, [batch.dtypes[i].itemsize for i in live])
+            check_no_overlap(params, live)
             if plan is not None:
                 self._retire_plan(plan)
             if batch not in self._watched:
                 # A dropped batch's tables are retired, not freed: kernels queued on them, and
                 # their copies from pinned buffers, may still be pending.
                 self._watched.add(batch)
-                weakref.finalize(batch, self._retire_all, batch.tables)
-            plan = batch.tables[key] = self._build_plan(
+                weakref.finalize(batch, self._retire_all, batch.cuda_plans)
+            plan = batch.cuda_plans[key] = self._build_plan(
                 batch, param_addresses, rows, states, chunk, uses_m, stats_m, need_p
             )
             return plan, None
@@ -560,7 +554,7 @@ class CudaBackend:
         if self.runtime.has_devices:
             self.runtime.check_devices([(f"grads[{i}]", grads[i]) for i in indices])
 
-    def _set_grads(self, plan: _Plan, grad_addresses: list[int]) -> None:
+    def _set_grads(self, plan: CudaPlan, grad_addresses: list[int]) -> None:
         """New gradient addresses: rewrite the gradient column, upload the tensor rows."""
         plan.host.set_grads(grad_addresses)
         device_rows, keepalive = self.runtime.upload(plan.host.rows.reshape(-1))
@@ -572,17 +566,15 @@ class CudaBackend:
     def _give_momentum(self, batch: PreparedBatch, states: Sequence[LarsState]) -> None:
         """Zeroed momentum arrays for every live state; the batch's tables of the old
         arrays go."""
-        for i in batch.live:
-            states[i].ensure_momentum(self.runtime.xp)
-        for plan in batch.tables.values():
+        for plan in batch.cuda_plans.values():
             self._retire_plan(plan)
-        batch.renew(states)
+        batch.give_momentum(states, self.runtime.xp)
 
-    def _retire_all(self, plans: dict[tuple, _Plan]) -> None:
+    def _retire_all(self, plans: dict[CudaPlanKey, CudaPlan]) -> None:
         for plan in plans.values():
             self._retire_plan(plan)
 
-    def _retire_plan(self, plan: _Plan) -> None:
+    def _retire_plan(self, plan: CudaPlan) -> None:
         self._retire(plan.blocks, plan.keepalive)
         self._retire(plan.tensors, plan.rows_keepalive)
 
@@ -604,9 +596,8 @@ class CudaBackend:
         uses_m: bool,
         stats_m: bool,
         need_p: bool,
-    ) -> _Plan:
+    ) -> CudaPlan:
         """Tables for the live tensors; both address lists follow ``batch.live``."""
-        check_no_overlap(batch.live, param_addresses, [batch.nbytes[i] for i in batch.live])
         host = tables.build_tables(
             batch.formats,
             [d.itemsize for d in batch.dtypes],
@@ -625,7 +616,7 @@ class CudaBackend:
         split = host.num_tensors * TENSOR_FIELDS
         device_table, keepalive = self.runtime.upload(np.concatenate((host.table, host.table[:split])))
         end = split + host.num_blocks
-        return _Plan(
+        return CudaPlan(
             param_addresses=param_addresses,
             host=host,
             grad_addresses=host.grad_addresses(),
@@ -635,12 +626,12 @@ class CudaBackend:
             keepalive=keepalive,
         )
 
-    def _scratch_for(self, ctx: tuple, plan: _Plan, batch: PreparedBatch, capturing: bool) -> _Scratch:
+    def _scratch_for(self, ctx: tuple, plan: CudaPlan, batch: PreparedBatch, capturing: bool) -> CudaScratch:
         """The batch's grow-only scratch per device (see CupyRuntime.context), reused by every
         later step: two batches stepped at once (two threads, one stream) never share partial
         sums."""
         need_p, need_c = plan.num_blocks * SUMS, plan.num_tensors * COEF_WORDS
-        mine = batch.scratch
+        mine = batch.cuda_scratch
         have = mine.get(ctx)
         if (
             have is None
@@ -659,7 +650,7 @@ class CudaBackend:
             if have is not None:
                 # Kernels queued on another stream may still use it: retired, not dropped.
                 self._retire(have, self.runtime.fence())
-            have = _Scratch(
+            have = CudaScratch(
                 partials=self.runtime.empty(max(need_p, old_p), np.float64),
                 coefs=self.runtime.empty(max(need_c, old_c), np.int32),
                 exact=self.runtime.empty(max(plan.num_blocks, old_e), np.float64),

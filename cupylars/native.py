@@ -30,7 +30,7 @@ from ._paths import kernel_dir
 __all__ = ["NativeUnavailableError", "library", "library_path"]
 
 #: Must equal lars_cpu_abi_version() in rawkernels/cpu/lars_cpu.cpp.
-ABI_VERSION = 2
+ABI_VERSION = 3
 SOURCE = Path("cpu") / "lars_cpu.cpp"
 HEADERS = ("lars_math.h",)
 FLAGS = (
@@ -123,12 +123,12 @@ def _build() -> tuple[ctypes.CDLL, Path]:
         lib, _ = _cache.load_library(target, build, accept)
     except _cache.LibraryError as exc:
         raise NativeUnavailableError(str(exc)) from None
-    c_ptr, c_int, c_ll, c_double = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_double
+    c_ptr, c_int, c_ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
     lib.lars_cpu_step.restype = c_int
     lib.lars_cpu_step.argtypes = [
         c_ptr, c_int, c_ptr, c_ll, c_ll, c_ptr, c_ptr, c_ptr,  # tables, scratch, code map
-        *[c_double] * 7,  # lr, momentum, dampening, weight_decay, trust_coefficient, eps, max_unorm
-        *[c_int] * 6,  # percentile, switches, policy, need_p, stats_m, threads
+        c_ptr,  # the step's hyperparameters: a lars::StepConfig (plan.step_config), by address
+        c_int,  # threads
     ]
     return lib, target
 

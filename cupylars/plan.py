@@ -19,22 +19,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
 from typing import Any
 
 import numpy as np
 
+from .config import NONFINITE_POLICIES, LarsConfig
 from .formats import FORMATS
 from .state import LarsState
 
 __all__ = [
     "CHUNK_SIZE",
+    "STEP_CONFIG",
     "TENSOR_FIELDS",
     "Tables",
     "build_tables",
     "check_chunk",
-    "check_no_overlap",
-    "first_overlap",
+    "step_config",
 ]
 
 # ---- mirrors rawkernels/lars_math.h (tests/test_kernels_compile.py checks) ------------------
@@ -68,7 +68,46 @@ def check_chunk(chunk: int) -> int:
     return chunk
 
 
-def switches(cfg: Any) -> int:
+#: lars_math.h ``StepConfig``: a step's hyperparameters as every kernel takes them, field for
+#: field in the C order (float64 first, then int32; ``align=True`` pads as the compiler does).
+STEP_CONFIG = np.dtype(
+    [
+        ("lr", np.float64),
+        ("momentum", np.float64),
+        ("dampening", np.float64),
+        ("weight_decay", np.float64),
+        ("trust_coefficient", np.float64),
+        ("eps", np.float64),
+        ("max_unorm", np.float64),
+        ("percentile", np.int32),
+        ("switches", np.int32),
+        ("policy", np.int32),
+    ],
+    align=True,
+)
+
+
+def step_config(cfg: LarsConfig) -> np.ndarray:
+    """The :data:`STEP_CONFIG` of ``cfg``, as a size-1 array: the CUDA kernels take it by value
+    (CuPy 13 and 14 pass a size-1 host array by value, and so does the emulator), the
+    native step by address. A fresh array per step: a launch copies its bytes."""
+    out = np.empty(1, STEP_CONFIG)
+    out[0] = (
+        cfg.lr,
+        cfg.momentum,
+        cfg.dampening,
+        cfg.weight_decay,
+        cfg.trust_coefficient,
+        cfg.eps,
+        cfg.max_unorm,
+        cfg.percentile_clipping,
+        switches(cfg),
+        NONFINITE_POLICIES.index(cfg.nonfinite),
+    )
+    return out
+
+
+def switches(cfg: LarsConfig) -> int:
     """The finalize pass's switch bits of a :class:`~cupylars.config.LarsConfig`."""
     bits = 0
     bits |= SWITCH_PERCENTILE if cfg.clips_percentile else 0
@@ -215,27 +254,4 @@ def build_tables(
         stats_runs=[tuple(r) for r in stats_runs],
         update_runs=[tuple(r) for r in update_runs],
         block_owner=owner,
-    )
-
-
-def first_overlap(extents: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
-    """Indices of two entries of ``extents`` ([start, end) byte ranges) that overlap, or None."""
-    nonempty = [e for e in range(len(extents)) if extents[e][1] > extents[e][0]]
-    for a, b in pairwise(sorted(nonempty, key=extents.__getitem__)):
-        if extents[b][0] < extents[a][1]:
-            return (min(a, b), max(a, b))
-    return None
-
-
-def check_no_overlap(live: Sequence[int], addresses: Sequence[int], nbytes: Sequence[int]) -> None:
-    """Refuse parameters whose memory overlaps: the chunks of one step would race on it."""
-    pair = first_overlap([(a, a + n) for a, n in zip(addresses, nbytes)])
-    if pair is not None:
-        raise overlap_error(live[pair[0]], live[pair[1]])
-
-
-def overlap_error(i: int, j: int) -> ValueError:
-    return ValueError(
-        f"params[{i}] and params[{j}] overlap in memory (views of one buffer): each parameter "
-        "must own its memory, or the result would depend on the order of the updates"
     )

@@ -192,6 +192,10 @@ class LarsState:
         else:
             self.momentum = xp.zeros(self.shape, dtype=xp.float32)
 
+    def drop_momentum(self) -> None:
+        """Back to no momentum arrays (a step that allocated them and then refused to run)."""
+        self.momentum = self.codes = self.absmax = None
+
     def arrays(self) -> dict[str, Any]:
         """The state's arrays by name (momentum arrays only once allocated)."""
         names = ("step_count", "skip_count", "history", "momentum", "codes", "absmax")

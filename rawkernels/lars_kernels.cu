@@ -432,14 +432,15 @@ __device__ __forceinline__ void update_body(const long long* __restrict__ tensor
 
 template <int F, int M>
 __device__ __forceinline__ void update_entry(const long long* tensors, const long long* blocks, int block_offset,
-                                             int chunk, const int* coefs, const float* table, float lam, float mu,
-                                             float damp_keep, int nesterov) {
+                                             int chunk, const int* coefs, const float* table,
+                                             const StepConfig& config) {
   const TensorCoef* c = reinterpret_cast<const TensorCoef*>(coefs);
+  const ElementFactors f = element_factors(config);
   if constexpr (M == kState8) {
     __shared__ CodeBook cb;
-    update_body<F, M>(tensors, blocks, block_offset, chunk, c, lam, mu, damp_keep, nesterov, table, &cb);
+    update_body<F, M>(tensors, blocks, block_offset, chunk, c, f.lam, f.mu, f.keep, f.nesterov, table, &cb);
   } else {
-    update_body<F, M>(tensors, blocks, block_offset, chunk, c, lam, mu, damp_keep, nesterov, table, nullptr);
+    update_body<F, M>(tensors, blocks, block_offset, chunk, c, f.lam, f.mu, f.keep, f.nesterov, table, nullptr);
   }
 }
 
@@ -516,7 +517,8 @@ __device__ __forceinline__ void exact_unorm_body(const long long* __restrict__ t
 // One block per tensor: a flagged tensor's chunk sums in a fixed order, then lr * s again.
 __device__ __forceinline__ void exact_unorm_finalize_body(const long long* __restrict__ tensors,
                                                           const double* __restrict__ exact,
-                                                          TensorCoef* __restrict__ coefs, double max_unorm) {
+                                                          TensorCoef* __restrict__ coefs,
+                                                          const StepConfig& config) {
   __shared__ double scratch[(kFinalizeThreads / 32) * kSums];
   const int ti = blockIdx.x;
   TensorCoef cf = coefs[ti];
@@ -530,24 +532,22 @@ __device__ __forceinline__ void exact_unorm_finalize_body(const long long* __res
   for (long long k = threadIdx.x; k < num_blocks; k += kFinalizeThreads) v[0] += exact[first_block + k];
   block_sums<kFinalizeThreads / 32, 1u>(v, scratch);
   if (threadIdx.x == 0) {
-    exact_unorm_coef(cf, v[0], max_unorm);
+    exact_unorm_coef(cf, v[0], config.max_unorm);
     coefs[ti].lrs = cf.lrs;
   }
 }
 
 // ---- pass 2: per-tensor finalize ------------------------------------------------------------
+// The per-tensor logic is lars_math.h's finalize(), run by thread 0; the block's threads
+// sum the partials and rank the percentile history in parallel first (the part finalize()
+// leaves to each backend).
 __device__ __forceinline__ void finalize_body(const long long* __restrict__ tensors,
                                               const double* __restrict__ partials, TensorCoef* __restrict__ coefs,
-                                              double lr, const double* lr_f64, const float* lr_f32,
-                                              double momentum, double dampening, double weight_decay,
-                                              double trust_coefficient, double eps, double max_unorm,
-                                              int percentile, int switches, int policy) {
+                                              const double* lr_f64, const float* lr_f32, const StepConfig& config) {
   __shared__ double scratch[(kFinalizeThreads / 32) * kSums];
   __shared__ double totals[kSums];
   __shared__ float hist[kHistory];
   __shared__ float clip_sq;
-  __shared__ long long step_before;
-  __shared__ int skip;
 
   const int ti = blockIdx.x;
   const long long* row = tensors + static_cast<long long>(ti) * kTensorFields;
@@ -569,58 +569,42 @@ __device__ __forceinline__ void finalize_body(const long long* __restrict__ tens
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int j = 0; j < kSums; ++j) totals[j] = acc[j];
-    step_before = *step_count;
-    // g.g in float64 of float32 squares cannot overflow, so it is finite
-    // exactly when every element of g is.
-    const bool finite = isfinite(acc[kGG]);
-    skip = (policy == kPolicySkip && !finite) ? 1 : 0;
-    if (skip) {
-      long long* skip_count = address<long long>(row, kFieldSkip);
-      *skip_count += 1;
-      TensorCoef cf = {1.0f, 1.0f, 0.0f, kCoefSkip};
-      coefs[ti] = cf;
-    }
+    clip_sq = 0.0f;
   }
   __syncthreads();
-  if (skip) return;  // p, m, history and step_count stay as they were
 
-  const long long t = step_before + 1;
-  const double g_norm = sqrt(totals[kGG]);
-  double gamma = 1.0;
-
-  // 1. percentile clipping: record ||g||^2, then compare with the percentile.
-  if (switches & kSwitchPercentile) {
-    float* history = address<float>(row, kFieldHistory);
-    const float entry = static_cast<float>(g_norm * g_norm);
-    const int slot = history_slot(t);
-    const bool never_recorded = history[0] < 0.0f;  // read by all before anyone writes
+  // 1. percentile clipping: the rank of each entry of the history as this step records it,
+  // one thread per entry (every entry has a distinct rank: sorts_before). Also for a tensor
+  // finalize() then skips: the ranks are only read, nothing is written here.
+  if (config.switches & kSwitchPercentile) {
+    const float* history = address<const float>(row, kFieldHistory);
     const int i = static_cast<int>(threadIdx.x);  // this thread's history entry
     float h = 0.0f;
-    if (i < kHistory) h = (never_recorded || i == slot) ? entry : history[i];
-    __syncthreads();
     if (i < kHistory) {
+      h = recorded_history(history, i, history_slot(*step_count + 1), history_entry(totals));
       hist[i] = h;
-      history[i] = h;
     }
     __syncthreads();
     if (i < kHistory) {
       int rank = 0;
       for (int j = 0; j < kHistory; ++j) rank += sorts_before(hist[j], j, h, i) ? 1 : 0;
-      if (rank == percentile) clip_sq = h;
+      if (rank == config.percentile) clip_sq = h;
     }
-    __syncthreads();
-    if (threadIdx.x == 0) gamma = percentile_gamma(hist[slot], clip_sq);
+    __syncthreads();  // every read of the history and the counter precedes finalize()'s writes
   }
   if (threadIdx.x != 0) return;
 
   // A learning rate in device memory (a capturable optimizer's lr tensor) is read here, at
   // run time, so that a replayed CUDA graph sees the value it holds now; the by-value lr is
   // the one recorded at launch (or capture). Only this thread reads lr (trust_clip and lr*s).
-  const double lr_now = lr_f64 != nullptr ? *lr_f64 : (lr_f32 != nullptr ? static_cast<double>(*lr_f32) : lr);
-  const StepConfig config = {lr_now, momentum, dampening, weight_decay, trust_coefficient, eps, max_unorm,
-                             switches};
-  coefs[ti] = step_coef(totals, t, gamma, config);
-  *step_count = t;
+  StepConfig c = config;
+  if (lr_f64 != nullptr) {
+    c.lr = *lr_f64;
+  } else if (lr_f32 != nullptr) {
+    c.lr = static_cast<double>(*lr_f32);
+  }
+  coefs[ti] = finalize(step_count, address<long long>(row, kFieldSkip), address<float>(row, kFieldHistory), totals,
+                       clip_sq, c);
 }
 
 }  // namespace lars
@@ -643,10 +627,8 @@ __device__ __forceinline__ void finalize_body(const long long* __restrict__ tens
   extern "C" __global__ void __launch_bounds__(lars::kThreads, lars::kUpdateMinBlocks)                      \
       lars_update_##FMT_NAME##_##STATE_NAME(const long long* tensors, const long long* blocks,             \
                                             int block_offset, int chunk, const int* coefs,                 \
-                                            const float* code_table, float lam, float mu, float damp_keep,  \
-                                            int nesterov) {                                                 \
-    lars::update_entry<FMT, STATE>(tensors, blocks, block_offset, chunk, coefs, code_table, lam, mu,        \
-                                   damp_keep, nesterov);                                                    \
+                                            const float* code_table, lars::StepConfig config) {             \
+    lars::update_entry<FMT, STATE>(tensors, blocks, block_offset, chunk, coefs, code_table, config);        \
   }
 
 #define LARS_FORMAT(FMT_NAME, FMT)                                   \
@@ -663,14 +645,11 @@ LARS_FORMAT(f16, lars::kF16)
 LARS_FORMAT(bf16, lars::kBF16)
 
 extern "C" __global__ void __launch_bounds__(lars::kFinalizeThreads)
-    lars_finalize(const long long* tensors, const double* partials, int* coefs, double lr, const double* lr_f64,
-                  const float* lr_f32, double momentum, double dampening, double weight_decay,
-                  double trust_coefficient, double eps, double max_unorm, int percentile, int switches,
-                  int policy) {
+    lars_finalize(const long long* tensors, const double* partials, int* coefs, const double* lr_f64,
+                  const float* lr_f32, lars::StepConfig config) {
   // lr_f64 / lr_f32: nullptr, or the address of a float64 / float32 lr in device memory that
-  // replaces the by-value lr (at most one is set).
-  lars::finalize_body(tensors, partials, reinterpret_cast<lars::TensorCoef*>(coefs), lr, lr_f64, lr_f32, momentum,
-                      dampening, weight_decay, trust_coefficient, eps, max_unorm, percentile, switches, policy);
+  // replaces config.lr (at most one is set).
+  lars::finalize_body(tensors, partials, reinterpret_cast<lars::TensorCoef*>(coefs), lr_f64, lr_f32, config);
 }
 
 // The exact-norm passes (pass 2b above), launched after lars_finalize whenever max_unorm is
@@ -678,14 +657,15 @@ extern "C" __global__ void __launch_bounds__(lars::kFinalizeThreads)
 // lars_unorm_finalize over every tensor. Both return at once for unflagged tensors.
 extern "C" __global__ void __launch_bounds__(lars::kThreads)
     lars_unorm_exact(const long long* tensors, const long long* blocks, int chunk, const int* coefs,
-                     const float* code_table, float lam, float mu, float damp_keep, int nesterov, double* exact) {
-  lars::exact_unorm_body(tensors, blocks, chunk, reinterpret_cast<const lars::TensorCoef*>(coefs), code_table, lam,
-                         mu, damp_keep, nesterov != 0, exact);
+                     const float* code_table, lars::StepConfig config, double* exact) {
+  const lars::ElementFactors f = lars::element_factors(config);
+  lars::exact_unorm_body(tensors, blocks, chunk, reinterpret_cast<const lars::TensorCoef*>(coefs), code_table, f.lam,
+                         f.mu, f.keep, f.nesterov, exact);
 }
 
 extern "C" __global__ void __launch_bounds__(lars::kFinalizeThreads)
-    lars_unorm_finalize(const long long* tensors, const double* exact, int* coefs, double max_unorm) {
-  lars::exact_unorm_finalize_body(tensors, exact, reinterpret_cast<lars::TensorCoef*>(coefs), max_unorm);
+    lars_unorm_finalize(const long long* tensors, const double* exact, int* coefs, lars::StepConfig config) {
+  lars::exact_unorm_finalize_body(tensors, exact, reinterpret_cast<lars::TensorCoef*>(coefs), config);
 }
 
 // ---- gradient addresses recorded into a CUDA graph --------------------------------------

@@ -87,15 +87,51 @@ enum Switch : int {
 // Non-finite policies (cupylars.config.NONFINITE_POLICIES order).
 enum Policy : int { kPolicySkip = 0, kPolicyRaise = 1, kPolicyPropagate = 2 };
 
-// The scalar hyperparameters of a step as the finalize pass reads them (float64,
-// as cupylars.config.LarsConfig holds them).
+// The hyperparameters of one step, as every kernel and the native backend take them: one
+// struct, passed by value to the CUDA kernels and by address to lars_cpu_step.
+// cupylars/plan.py STEP_CONFIG mirrors it field for field, and plan.step_config fills it
+// from a cupylars.config.LarsConfig (tests/test_kernels_compile.py compares the layouts).
+// float64 fields first (as LarsConfig holds them), then the int32 ones: no padding inside.
 struct StepConfig {
-  double lr, momentum, dampening, weight_decay, trust_coefficient, eps, max_unorm;
-  int switches;
+  double lr;                 // the learning rate (lars_finalize may read it from device memory)
+  double momentum;           // mu
+  double dampening;          // delta
+  double weight_decay;       // lambda
+  double trust_coefficient;  // eta
+  double eps;                // added to the trust ratio's denominator
+  double max_unorm;          // the cap on ||u|| / ||p||
+  int percentile;            // percentile_clipping, 1..100: the rank that clips ||g||
+  int switches;              // Switch bits
+  int policy;                // Policy: what a non-finite gradient does
 };
+
+// The float32 factors of the per-element update (update_direction), rounded from the
+// float64 hyperparameters as the reference rounds them.
+struct ElementFactors {
+  float lam;   // weight decay
+  float mu;    // momentum
+  float keep;  // 1 - dampening
+  bool nesterov;
+};
+LARS_HD ElementFactors element_factors(const StepConfig& c) {
+  ElementFactors f;
+  f.lam = static_cast<float>(c.weight_decay);
+  f.mu = static_cast<float>(c.momentum);
+  f.keep = static_cast<float>(1.0 - c.dampening);
+  f.nesterov = (c.switches & kSwitchNesterov) != 0;
+  return f;
+}
+
+// What the stats pass reads besides g: p for the trust ratio or the update-norm cap, m for
+// the cap with momentum.
+LARS_HD bool stats_reads_param(const StepConfig& c) { return (c.switches & (kSwitchTrust | kSwitchUnorm)) != 0; }
+LARS_HD bool stats_reads_momentum(const StepConfig& c) {
+  return (c.switches & kSwitchMomentum) != 0 && (c.switches & kSwitchUnorm) != 0;
+}
 
 // ---- bits --------------------------------------------------------------------------
 #ifdef LARS_HOST_ONLY
+LARS_HD bool is_finite(double x) { return std::isfinite(x); }
 LARS_HD unsigned int float_bits(float x) {
   unsigned int u;
   std::memcpy(&u, &x, sizeof u);
@@ -107,6 +143,7 @@ LARS_HD float bits_float(unsigned int u) {
   return x;
 }
 #else
+LARS_HD bool is_finite(double x) { return isfinite(x); }
 LARS_HD unsigned int float_bits(float x) { return __float_as_uint(x); }
 LARS_HD float bits_float(unsigned int u) { return __uint_as_float(u); }
 #endif
@@ -303,6 +340,60 @@ LARS_HD TensorCoef step_coef(const double* totals, long long t, double gamma, co
   cf.lr = c.lr;
   cf.p_norm = p_norm;
   return cf;
+}
+
+// ---- pass 2: the finalize of one tensor -----------------------------------------------------
+// Written once for both backends: finalize() is the whole per-tensor logic (the non-finite
+// policy, the percentile history, gamma, the coefficients and the counters). The one part
+// a backend does itself is finding `clip_sq`, the entry of rank c.percentile (sorts_before
+// order) of the history as this step records it (recorded_history): the GPU ranks the 100
+// entries in parallel, one thread each, before its thread 0 calls finalize()
+// (lars_finalize); the CPU selects it with std::nth_element (cpu/lars_cpu.cpp).
+
+// ||g||^2 as the history records it: float32 of the float64 norm, squared.
+LARS_HD float history_entry(const double* totals) {
+  const double g_norm = sqrt(totals[kGG]);
+  return static_cast<float>(g_norm * g_norm);
+}
+
+// Entry i of the history after the step records `entry` at `slot`, read from the history
+// before it: every entry of a history that never recorded one (its first entry is
+// negative) becomes `entry`. finalize() writes the same values.
+LARS_HD float recorded_history(const float* history, int i, int slot, float entry) {
+  return (history[0] < 0.0f || i == slot) ? entry : history[i];
+}
+
+// Whether the step leaves the tensor as it was (the skip policy and a non-finite gradient:
+// g.g in float64 of float32 squares cannot overflow, so it is finite exactly when g is).
+LARS_HD bool skips_tensor(const double* totals, const StepConfig& c) {
+  return c.policy == kPolicySkip && !is_finite(totals[kGG]);
+}
+
+// One tensor's coefficients from its dot products `totals`; advances its step counter and
+// records ||g||^2 in its history (percentile clipping), or, when the tensor is skipped,
+// advances its skip counter and leaves p, m, the history and the step counter as they
+// were. `clip_sq` is read only with percentile clipping (see above).
+LARS_HD TensorCoef finalize(long long* step_count, long long* skip_count, float* history, const double* totals,
+                            float clip_sq, const StepConfig& c) {
+  if (skips_tensor(totals, c)) {
+    *skip_count += 1;
+    TensorCoef skipped = {1.0f, 1.0f, 0.0f, kCoefSkip, 0.0, 0.0};
+    return skipped;
+  }
+  const long long t = *step_count + 1;
+  double gamma = 1.0;
+  if (c.switches & kSwitchPercentile) {  // 1. record ||g||^2, compare with the percentile
+    const float entry = history_entry(totals);
+    const int slot = history_slot(t);
+    if (history[0] < 0.0f) {  // recorded_history, written
+      for (int i = 0; i < kHistory; ++i) history[i] = entry;
+    } else {
+      history[slot] = entry;
+    }
+    gamma = percentile_gamma(entry, clip_sq);
+  }
+  *step_count = t;
+  return step_coef(totals, t, gamma, c);
 }
 
 }  // namespace lars

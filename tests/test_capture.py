@@ -245,7 +245,7 @@ def _batches(opt) -> list:
 
 
 def _plans(opt) -> list:
-    return [plan for batch in _batches(opt) for plan in batch.tables.values()]
+    return [plan for batch in _batches(opt) for plan in batch.cuda_plans.values()]
 
 
 def _fresh_grads_scenario(cls, foreach: bool, allocate: str) -> None:
@@ -599,7 +599,7 @@ def test_backend_refuses_in_capture(emulated, plant):
     if plant != "no step":
         batch.update(params, grads, states, cfg)
     if plant.startswith("scratch"):
-        batch.scratch.clear()
+        batch.cuda_scratch.clear()
     if plant == "momentum":
         batch.has_momentum = False
     if plant.endswith("fresh grads"):

@@ -386,3 +386,16 @@ def test_config_or_hyperparameters_not_both():
         F.lars_update_many(params, grads[0], states, config=F.LarsConfig(lr=0.1), lr=0.1)
     with pytest.raises(TypeError, match="config must be a LarsConfig"):
         F.lars_update_many(params, grads[0], states, config={"lr": 0.1})
+
+
+@pytest.mark.parametrize("chosen", [native_cpu, reference])
+def test_a_device_lr_is_refused_by_the_host_backends(chosen):
+    """lr_device is for the CUDA backends (Backend.reads_device_lr): a host backend says so,
+    naming itself, and nothing is modified."""
+    p = np.ones(8, np.float32)
+    state = F.init_state(p)
+    with chosen():
+        batch = F.prepare([p], [state])
+        with pytest.raises(TypeError, match=f"the {batch.backend.name} backend reads lr from the config"):
+            batch.update([p], [np.ones_like(p)], [state], F.LarsConfig(lr=0.1), lr_device=np.ones(1))
+    assert state.step == 0 and np.all(p == 1)

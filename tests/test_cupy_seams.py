@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 import torch
 
-from cupylars import cuda, streams
+from cupylars import cuda, plan, streams
 from cupylars import functional as F
+from cupylars.config import LarsConfig
 
 cupy = pytest.importorskip("cupy", reason="the test extra installs cupy-cuda13x")
 from cupy.cuda import function as cupy_function  # noqa: E402
@@ -117,6 +118,12 @@ def test_set_grads_struct_is_packed_by_the_installed_cupy():
         assert isinstance(exc, CUDARuntimeError), exc
 
 
+def test_step_config_struct_is_packed_by_the_installed_cupy():
+    step = plan.step_config(LarsConfig(lr=0.1, momentum=0.9))
+    exc = _no_device_launch((None, None, None, np.uint64(0), np.uint64(0), step))
+    assert isinstance(exc, CUDARuntimeError), exc
+
+
 def test_a_multi_element_array_is_not_taken_for_a_struct():
     exc = _no_device_launch((None, np.zeros(2, cuda.GRAD_PATCH)))
     assert isinstance(exc, TypeError) and "size one" in str(exc)
@@ -132,7 +139,7 @@ def test_the_device_free_seams_on_cupy_13():
         import cupy
         from cupy.cuda import function
         from cupy_backends.cuda.api.runtime import CUDARuntimeError
-        from cupylars import cuda, streams
+        from cupylars import cuda, plan, streams
         assert cupy.__version__.startswith("13."), cupy.__version__
 
         def launch(args):
@@ -146,6 +153,10 @@ def test_the_device_free_seams_on_cupy_13():
         # the struct as cupylars packs it: by value (stopped at the missing driver)
         for patch in cuda.grad_patches([0x1000, 0x2000], np.ones(2, bool)):
             assert isinstance(launch((None, patch)), CUDARuntimeError)
+        from cupylars import plan
+        from cupylars.config import LarsConfig
+        step = plan.step_config(LarsConfig(lr=0.1, momentum=0.9))
+        assert isinstance(launch((None, np.uint64(0), step)), CUDARuntimeError)
         # what CuPy 13 refuses: a structured NumPy scalar
         assert isinstance(launch((None, np.zeros((), cuda.GRAD_PATCH)[()])), TypeError)
 

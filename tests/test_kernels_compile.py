@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from cupylars import cuda, cuda_runtime, plan
+from cupylars.config import LarsConfig
 
 # sm_86, sm_87 and sm_89 (float64 at 1/64 of the float32 rate) compile the stats pass
 # with float32 partials (LARS_STATS_F32_PARTIALS in lars_common.cuh), the others in float64.
@@ -259,6 +260,93 @@ def test_launcher_constants_match_the_header():
 
     assert NONFINITE_POLICIES == ("skip", "raise", "propagate")
     assert plan.CHUNK_SIZE % plan.TILE == 0
+
+
+# ---- the step-configuration struct: one C layout, mirrored once in Python ---------------------
+def _step_config_layout_program() -> str:
+    """C++ that prints sizeof(lars::StepConfig), then each field's name and offset."""
+    fields = "".join(
+        f'  std::printf("{name} %zu\\n", offsetof(lars::StepConfig, {name}));\n'
+        for name in plan.STEP_CONFIG.names
+    )
+    return (
+        "#define LARS_HOST_ONLY\n#include <cstddef>\n#include <cstdio>\n#include \"lars_math.h\"\n"
+        "int main() {\n"
+        '  std::printf("sizeof %zu\\n", sizeof(lars::StepConfig));\n'
+        f"{fields}"
+        "  return 0;\n}\n"
+    )
+
+
+def test_step_config_mirrors_the_header_for_the_host_compiler(tmp_path):
+    """plan.STEP_CONFIG has the offsets and size the host compiler gives lars::StepConfig (the
+    native backend reads it through a pointer; the emulated kernels take it by value)."""
+    cxx = next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    source, _ = cuda.kernel_sources()
+    program = tmp_path / "layout.cpp"
+    program.write_text(_step_config_layout_program())
+    binary = tmp_path / "layout"
+    built = subprocess.run(
+        [cxx, "-std=c++17", f"-I{source.parent}", str(program), "-o", str(binary)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert built.returncode == 0, built.stderr
+    printed = dict(line.split() for line in subprocess.run(
+        [str(binary)], capture_output=True, text=True, check=True
+    ).stdout.splitlines())
+    assert int(printed.pop("sizeof")) == plan.STEP_CONFIG.itemsize
+    # every field of the C struct is in the mirror, at the same offset
+    assert {name: int(at) for name, at in printed.items()} == {
+        name: plan.STEP_CONFIG.fields[name][1] for name in plan.STEP_CONFIG.names
+    }
+    c_fields = re.search(r"struct StepConfig \{(.*?)\};", (source.parent / "lars_math.h").read_text(), re.S)
+    assert c_fields is not None
+    declared = re.findall(r"^\s*(?:double|int) (\w+);", c_fields.group(1), re.M)
+    assert declared == list(plan.STEP_CONFIG.names)
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_step_config_mirrors_the_header_for_nvrtc(arch):
+    """The same layout as NVRTC compiles it (the GPU kernels take the struct by value)."""
+    nvrtc = _nvrtc()
+    source, _ = cuda.kernel_sources()
+    offsets = {name: plan.STEP_CONFIG.fields[name][1] for name in plan.STEP_CONFIG.names}
+    asserts = "".join(
+        f'static_assert(offsetof(lars::StepConfig, {name}) == {at}, "{name}");\n'
+        for name, at in offsets.items()
+    )
+    program = (
+        f'#include "lars_math.h"\n#define offsetof(T, f) __builtin_offsetof(T, f)\n{asserts}'
+        f'static_assert(sizeof(lars::StepConfig) == {plan.STEP_CONFIG.itemsize}, "sizeof");\n'
+    )
+    err, prog = nvrtc.nvrtcCreateProgram(program.encode(), b"layout.cu", 0, [], [])
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
+    try:
+        options = [b"--std=c++17", f"--gpu-architecture={arch}".encode(), f"-I{source.parent}".encode()]
+        (status,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
+        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+        log = b" " * size
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        assert status == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+def test_step_config_carries_the_config():
+    cfg = LarsConfig(
+        lr=0.5, momentum=0.9, dampening=0.25, weight_decay=1e-4, max_unorm=0.03, percentile_clipping=7,
+        trust_coefficient=0.002, trust_clip=True, eps=1e-6, nonfinite="propagate",
+    )
+    step = plan.step_config(cfg)
+    assert step.shape == (1,) and step.dtype == plan.STEP_CONFIG
+    assert step[0].tolist() == (
+        0.5, 0.9, 0.25, 1e-4, 0.002, 1e-6, 0.03, 7,
+        plan.SWITCH_PERCENTILE | plan.SWITCH_TRUST | plan.SWITCH_TRUST_CLIP | plan.SWITCH_MOMENTUM
+        | plan.SWITCH_UNORM,
+        2,
+    )
 
 
 def test_every_entry_point_is_in_the_source():

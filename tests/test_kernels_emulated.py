@@ -480,7 +480,7 @@ def test_gradients_moving_between_aligned_and_unaligned_memory():
     for t, grads in enumerate([aligned, unaligned, aligned, unaligned]):
         step_and_compare(params, grads, states, FULL, None, f"step {t}")
         emulated = [b for b in F._BATCHES.values() if b.backend is cuda.emulated_backend()]
-        newest = next(iter(emulated[-1].tables.values()))  # the batch of these states, its tables
+        newest = next(iter(emulated[-1].cuda_plans.values()))  # the batch of these states, its tables
         want = int(grads is aligned)
         assert newest.host_tensors[:, plan.FIELD_VECTOR].tolist() == [want] * len(params)
 

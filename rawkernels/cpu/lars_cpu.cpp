@@ -473,33 +473,26 @@ UpdateFn update_fn(int kind, bool first, bool nesterov) {
 }
 
 // ---- phase 2: one tensor's coefficients ------------------------------------------------------------
-// Returns the tensor's coefficients and advances its counters, as lars_finalize.
-TensorCoef finalize_tensor(const long long* row, const double* totals, int percentile, int policy,
-                           const StepConfig& c) {
-  long long* step_count = address<long long>(row, kFieldStep);
-  if (policy == kPolicySkip && !std::isfinite(totals[kGG])) {
-    *address<long long>(row, kFieldSkip) += 1;  // p, m, history and step_count stay as they were
-    return TensorCoef{1.0f, 1.0f, 0.0f, kCoefSkip};
-  }
-  const long long t = *step_count + 1;
-  double gamma = 1.0;
-  if (c.switches & kSwitchPercentile) {  // 1. record ||g||^2, compare with the percentile
-    float* history = address<float>(row, kFieldHistory);
-    const float entry = static_cast<float>(sqrt(totals[kGG]) * sqrt(totals[kGG]));
-    const int slot = history_slot(t);
-    if (history[0] < 0.0f) {
-      for (int i = 0; i < kHistory; ++i) history[i] = entry;
-    } else {
-      history[slot] = entry;
-    }
+// lars_math.h's finalize(), with the percentile of the history as the step records it found
+// here: the entry of rank c.percentile, selected (the GPU ranks every entry instead).
+TensorCoef finalize_tensor(const long long* row, const double* totals, const StepConfig& c) {
+  float* history = address<float>(row, kFieldHistory);
+  float clip_sq = 0.0f;
+  if (c.switches & kSwitchPercentile) {
+    const int slot = history_slot(*address<const long long>(row, kFieldStep) + 1);
+    const float entry = history_entry(totals);
+    float recorded[kHistory];
     int order[kHistory];
-    for (int i = 0; i < kHistory; ++i) order[i] = i;
-    std::nth_element(order, order + percentile, order + kHistory,
-                     [&](int a, int b) { return sorts_before(history[a], a, history[b], b); });
-    gamma = percentile_gamma(history[slot], history[order[percentile]]);
+    for (int i = 0; i < kHistory; ++i) {
+      recorded[i] = recorded_history(history, i, slot, entry);
+      order[i] = i;
+    }
+    std::nth_element(order, order + c.percentile, order + kHistory,
+                     [&](int a, int b) { return sorts_before(recorded[a], a, recorded[b], b); });
+    clip_sq = recorded[order[c.percentile]];
   }
-  *step_count = t;
-  return step_coef(totals, t, gamma, c);
+  return finalize(address<long long>(row, kFieldStep), address<long long>(row, kFieldSkip), history, totals,
+                  clip_sq, c);
 }
 
 CodeIndex& code_index(const float* map) {
@@ -515,20 +508,30 @@ CodeIndex& code_index(const float* map) {
 }  // namespace lars_cpu
 
 // Version of the C interface below; cupylars/native.py checks it after loading.
-LARS_EXPORT int lars_cpu_abi_version() { return 2; }
+LARS_EXPORT int lars_cpu_abi_version() { return 3; }
 
 // One LARS step over the tensors of `tensors` (num_tensors rows, lars_math.h)
 // and their chunks (`blocks`, num_blocks entries). `partials` holds kSums
 // doubles per chunk and `coefs` one TensorCoef per tensor: the caller's scratch.
+// `step`: the step's hyperparameters, a lars::StepConfig (cupylars/plan.py
+// step_config; copied, so any alignment will do).
 // Returns 0, or 1 when policy is "raise" and a gradient is non-finite: then
 // nothing but the scratch was written (the caller reads the partials to name
 // the tensors).
 LARS_EXPORT int lars_cpu_step(const long long* tensors, int num_tensors, const long long* blocks,
                               long long num_blocks, long long chunk, double* partials, int* coefs,
-                              const float* code_map, double lr, double momentum, double dampening,
-                              double weight_decay, double trust_coefficient, double eps, double max_unorm,
-                              int percentile, int switches, int policy, int need_p, int stats_m, int threads) {
+                              const float* code_map, const void* step, int threads) {
   using namespace lars_cpu;
+  StepConfig config;
+  std::memcpy(&config, step, sizeof config);
+  const int policy = config.policy;
+  const double max_unorm = config.max_unorm;
+  const bool need_p = stats_reads_param(config);
+  const bool stats_m = stats_reads_momentum(config);
+  const bool uses_m = (config.switches & kSwitchMomentum) != 0;
+  const ElementFactors factors = element_factors(config);
+  const float lam = factors.lam, mu = factors.mu, keep = factors.keep;
+  const bool nesterov = factors.nesterov;
   const CodeIndex& ix = code_index(code_map);
   Pool& workers = pool();
   auto row_of = [&](long long b, long long* start, long long* end) {
@@ -557,17 +560,10 @@ LARS_EXPORT int lars_cpu_step(const long long* tensors, int num_tensors, const l
     if (policy == kPolicyRaise && !std::isfinite(sum[kGG])) return 1;
   }
 
-  const StepConfig config = {lr, momentum, dampening, weight_decay, trust_coefficient, eps, max_unorm, switches};
   TensorCoef* coef = reinterpret_cast<TensorCoef*>(coefs);
   for (int t = 0; t < num_tensors; ++t)
     coef[t] = finalize_tensor(tensors + static_cast<long long>(t) * kTensorFields,
-                              &totals[static_cast<size_t>(t) * kSums], percentile, policy, config);
-
-  const float lam = static_cast<float>(weight_decay);
-  const float mu = static_cast<float>(momentum);
-  const float keep = static_cast<float>(1.0 - dampening);
-  const bool nesterov = (switches & kSwitchNesterov) != 0;
-  const bool uses_m = (switches & kSwitchMomentum) != 0;
+                              &totals[static_cast<size_t>(t) * kSums], config);
 
   // Tensors whose ||u|| the dot products cannot resolve (lars_math.h, unorm_needs_exact_norm):
   // ||u||^2 summed again over their chunks from the u the update applies, in chunk order,
