@@ -1051,3 +1051,28 @@ def test_a_backend_block_after_reused_steps_takes_its_backend():
     with emulated_cuda():
         opt.step()
     assert opt.backends["cpu"].startswith("emulated-cuda")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_capturable_tensor_lr_on_host_backends(backend):
+    """A capturable group's tensor lr on CPU tensors: host backends read it on the host at
+    each step (a scheduler's in-place update included), as a float lr would be."""
+    from cupylars.testing import native_cpu, reference
+
+    block = native_cpu if backend == "cpu" else reference
+    params, twins = make_params(), make_params()
+    lr = torch.tensor(0.1)
+    opt = LARS32bit(params, lr=lr, momentum=0.9, capturable=True)
+    twin = LARS32bit(twins, lr=0.1, momentum=0.9)
+    for k, value in enumerate([0.125, 0.0625, 0.25]):  # exact in the float32 lr tensor
+        lr.fill_(value)
+        for group in twin.param_groups:
+            group["lr"] = value
+        _set_grads(params, k)
+        _set_grads(twins, k)
+        with block():
+            opt.step()
+            twin.step()
+    assert opt.backends["cpu"].startswith(backend)
+    for p, q in zip(params, twins):
+        assert torch.equal(p, q)

@@ -104,7 +104,7 @@ class ViewBucket:
             chosen = batches[0].backend
             lr_array = None
             if resolved.lr_tensor is not None:
-                if chosen.takes_addresses:
+                if chosen.reads_device_lr:
                     lr_array = self._lr_view(resolved.lr_tensor)  # read by the kernels when they run
                 else:
                     cfg = replace(cfg, lr=resolved.lr_tensor.item())  # a host backend: lr on the CPU
