@@ -30,7 +30,7 @@ from ._paths import kernel_dir
 __all__ = ["NativeUnavailableError", "library", "library_path"]
 
 #: Must equal lars_cpu_abi_version() in rawkernels/cpu/lars_cpu.cpp.
-ABI_VERSION = 2
+ABI_VERSION = 3
 SOURCE = Path("cpu") / "lars_cpu.cpp"
 HEADERS = ("lars_math.h",)
 FLAGS = (
@@ -130,6 +130,8 @@ def _build() -> tuple[ctypes.CDLL, Path]:
         *[c_double] * 7,  # lr, momentum, dampening, weight_decay, trust_coefficient, eps, max_unorm
         *[c_int] * 6,  # percentile, switches, policy, need_p, stats_m, threads
     ]
+    lib.lars_cpu_set_group_bytes.restype = c_ll
+    lib.lars_cpu_set_group_bytes.argtypes = [c_ll]
     return lib, target
 
 

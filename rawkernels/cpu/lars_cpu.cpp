@@ -32,6 +32,9 @@
 #include "../lars_math.h"
 
 #include <pthread.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -256,65 +259,116 @@ Pool& pool() {
 }
 
 // ---- phase 1: the dot products of one chunk --------------------------------------------------
-// A 256-element tile at a time: converted to float32 in arrays (8-bit codes
-// dequantized with the tile's one scale), then summed into eight lanes of
-// float64 accumulators in a fixed order and combined by a fixed tree. The
-// compiler vectorises the lanes; the result is the same on every machine and
-// for every thread count. Past the end of the tensor a tile is zero-filled,
-// which adds exact zeros.
+// Eight elements at a time, read straight from p, g and m (16-bit formats widened, 8-bit
+// codes dequantized with their block's one scale), converted to float64 and summed into
+// eight lanes of accumulators in a fixed order, combined by a fixed tree at the end.
+// Lane l holds the elements start + 8j + l, whatever vector width the host has, so the
+// result is the same on every machine and for every thread count. A last group of fewer
+// than eight elements is zero-filled, which adds exact zeros (an accumulator starts at
+// +0 and so is never -0).
 constexpr int kLanes = 8;
-// Eight float64 lanes as one value (GCC/Clang vector extensions): lane l always
-// holds the elements k + l, whatever vector width the host has.
+// Eight float64 lanes as one value (GCC/Clang vector extensions).
 typedef double Lanes __attribute__((vector_size(kLanes * sizeof(double))));
 typedef float Lanes32 __attribute__((vector_size(kLanes * sizeof(float))));
+typedef _Float16 Lanes16 __attribute__((vector_size(kLanes * sizeof(_Float16))));
+typedef unsigned short LanesU16 __attribute__((vector_size(kLanes * sizeof(unsigned short))));
+typedef unsigned int LanesU32 __attribute__((vector_size(kLanes * sizeof(unsigned int))));
 
+// float32 -> float64 is exact: one conversion instruction where the host has 512-bit vectors.
+inline Lanes widen(Lanes32 v) {
+#ifdef __AVX512F__
+  Lanes out;
+  const __m512d wide = _mm512_cvtps_pd(reinterpret_cast<__m256&>(v));
+  std::memcpy(&out, &wide, sizeof out);
+  return out;
+#else
+  return __builtin_convertvector(v, Lanes);
+#endif
+}
 inline Lanes widen(const float* x) {
   Lanes32 v;
   std::memcpy(&v, x, sizeof v);
-  return __builtin_convertvector(v, Lanes);
+  return widen(v);
+}
+
+// Eight consecutive elements of a storage format as float32 (exact for every format).
+template <int F>
+inline Lanes32 load8(const typename Elem<F>::T* x) {
+  if constexpr (F == kF32) {
+    Lanes32 v;
+    std::memcpy(&v, x, sizeof v);
+    return v;
+  } else if constexpr (F == kF16) {
+    Lanes16 h;
+    std::memcpy(&h, x, sizeof h);
+    return __builtin_convertvector(h, Lanes32);
+  } else {
+    LanesU16 h;
+    std::memcpy(&h, x, sizeof h);
+    const LanesU32 bits = __builtin_convertvector(h, LanesU32) << 16;
+    Lanes32 v;
+    std::memcpy(&v, &bits, sizeof v);
+    return v;
+  }
+}
+// The same for count < 8 elements, zero-filled.
+template <int F>
+inline Lanes32 load_tail(const typename Elem<F>::T* x, int count) {
+  Lanes32 v = {};
+  for (int k = 0; k < count; ++k) v[k] = Elem<F>::load(x[k]);
+  return v;
+}
+// Eight 8-bit codes dequantized with the scale of their 256-element block.
+inline Lanes32 dequant8(const CodeIndex& ix, const unsigned char* codes, float scale, int count) {
+  Lanes32 v = {};
+  for (int k = 0; k < count; ++k) v[k] = ix.book[codes[k]] * scale;
+  return v;
 }
 
 template <int F, int M, bool kNeedP>
 void stats_chunk(const long long* row, long long start, long long end, const CodeIndex& ix, double* out) {
-  using E = Elem<F>;
-  using T = typename E::T;
+  using T = typename Elem<F>::T;
   const T* __restrict__ g = address<const T>(row, kFieldGrad);
   const T* __restrict__ p = address<const T>(row, kFieldParam);
   const float* __restrict__ m32 = address<const float>(row, kFieldState);
   const unsigned char* __restrict__ codes = address<const unsigned char>(row, kFieldState);
   const float* __restrict__ absmax = address<const float>(row, kFieldAbsmax);
   constexpr bool kUseM = M != kNoState;
-  Lanes acc[kSums] = {};
-  alignas(64) float gv[kQBlock], pv[kQBlock], mv[kQBlock];
-  for (long long tile = start; tile < end; tile += kQBlock) {
-    const int count = static_cast<int>(std::min<long long>(kQBlock, end - tile));
-    for (int k = 0; k < count; ++k) gv[k] = E::load(g[tile + k]);
-    if (kNeedP)
-      for (int k = 0; k < count; ++k) pv[k] = E::load(p[tile + k]);
-    if (M == kState32)
-      for (int k = 0; k < count; ++k) mv[k] = m32[tile + k];
-    if (M == kState8) {
-      const float scale = absmax[tile / kQBlock];
-      for (int k = 0; k < count; ++k) mv[k] = ix.book[codes[tile + k]] * scale;
+  Lanes gg = {}, pp = {}, mm = {}, gp = {}, gm = {}, pm = {};
+  // float32 x float32 is exact in float64: only the accumulation rounds.
+  auto add = [&](Lanes32 gf, Lanes32 pf, Lanes32 mf) {
+    const Lanes gd = widen(gf);
+    gg += gd * gd;
+    if (kNeedP) {
+      const Lanes pd = widen(pf);
+      pp += pd * pd;
+      gp += gd * pd;
+      if (kUseM) pm += pd * widen(mf);
     }
-    for (int k = count; k < kQBlock; ++k) gv[k] = pv[k] = mv[k] = 0.0f;
-    // float32 x float32 is exact in float64: only the accumulation rounds.
-    for (int k = 0; k < kQBlock; k += kLanes) {
-      const Lanes gd = widen(gv + k), pd = widen(pv + k), md = widen(mv + k);
-      acc[kGG] += gd * gd;
-      if (kNeedP) {
-        acc[kPP] += pd * pd;
-        acc[kGP] += gd * pd;
-      }
-      if (kUseM) {
-        acc[kMM] += md * md;
-        acc[kGM] += gd * md;
-        if (kNeedP) acc[kPM] += pd * md;
-      }
+    if (kUseM) {
+      const Lanes md = widen(mf);
+      mm += md * md;
+      gm += gd * md;
     }
+  };
+  long long i = start;
+  for (; i + kLanes <= end; i += kLanes) {
+    Lanes32 mf = {};
+    if (M == kState32) mf = load8<kF32>(m32 + i);
+    if (M == kState8) mf = dequant8(ix, codes + i, absmax[i / kQBlock], kLanes);
+    add(load8<F>(g + i), kNeedP ? load8<F>(p + i) : Lanes32{}, mf);
   }
+  if (i < end) {
+    const int count = static_cast<int>(end - i);
+    Lanes32 mf = {};
+    if (M == kState32) mf = load_tail<kF32>(m32 + i, count);
+    if (M == kState8) mf = dequant8(ix, codes + i, absmax[i / kQBlock], count);
+    add(load_tail<F>(g + i, count), kNeedP ? load_tail<F>(p + i, count) : Lanes32{}, mf);
+  }
+  const Lanes* acc[kSums];
+  acc[kGG] = &gg, acc[kPP] = &pp, acc[kMM] = &mm, acc[kGP] = &gp, acc[kGM] = &gm, acc[kPM] = &pm;
   for (int j = 0; j < kSums; ++j) {
-    const Lanes& a = acc[j];
+    const Lanes& a = *acc[j];
     out[j] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
   }
 }
@@ -512,10 +566,85 @@ CodeIndex& code_index(const float* map) {
   return *ix;
 }
 
+
+// ---- the schedule: groups of consecutive tensors that fit in the cache ---------------------------
+// The norms must cover a whole tensor before any of its elements changes, so p, g and m
+// are read twice. Run over all tensors at once, the phases read every byte from memory
+// twice (ResNet-50: ~300 MB each time). Run per group of consecutive tensors whose p, g and
+// m fit in the cache, the update reads what the stats phase of the same group just brought
+// in: stats -> finalize -> (exact norms) -> update, group after group. A tensor larger than
+// the budget is a group of its own; its update runs from its last chunk back, so the part
+// the stats phase left in the cache is read first. The chunks, their lane sums and the
+// per-tensor sums in chunk order are those of one big group, so the result is bitwise the
+// same for any budget and any thread count (tests/test_cpu_schedule.py).
+constexpr long long kDefaultGroupBytes = 4LL << 20;  // when the caller has not said (native.py does)
+std::atomic<long long> group_bytes{kDefaultGroupBytes};
+
+// Bytes per element the stats and update phases read: p and g in their format, m as stored.
+inline long long element_bytes(int kind) {
+  const int format = kind / 3, mode = kind % 3;
+  return 2 * (format == kF32 ? 4 : 2) + (mode == kState32 ? 4 : mode == kState8 ? 1 : 0);
+}
+
+struct Group {
+  int first, end;                     // tensor rows [first, end)
+  long long first_block, end_block;  // their chunks (consecutive in the block table)
+};
+
+std::vector<Group> make_groups(const long long* tensors, int num_tensors, long long budget) {
+  std::vector<Group> groups;
+  long long bytes = 0;
+  for (int t = 0; t < num_tensors; ++t) {
+    const long long* row = tensors + static_cast<long long>(t) * kTensorFields;
+    const long long size = row[kFieldSize] * element_bytes(static_cast<int>(row[kFieldKind]));
+    const long long end_block = row[kFieldFirstBlock] + row[kFieldNumBlocks];
+    if (groups.empty() || bytes + size > budget) {
+      groups.push_back(Group{t, t + 1, row[kFieldFirstBlock], end_block});
+      bytes = size;
+    } else {
+      groups.back().end = t + 1;
+      groups.back().end_block = end_block;
+      bytes += size;
+    }
+  }
+  return groups;
+}
+
+// Where a group stands. Threads claim its chunks by counters; the thread that completes
+// the last stats chunk finalizes the group (and the last exact chunk's thread sets the
+// exact norms); the others sleep on a condition variable meanwhile (nothing spins).
+enum GroupStage : int { kStageStats = 0, kStageExact = 1, kStageReady = 2 };
+struct GroupRun {
+  std::atomic<long long> stats_next{0}, stats_done{0}, exact_next{0}, exact_done{0}, update_next{0};
+  std::atomic<int> stage{kStageStats};
+  std::vector<long long> exact_blocks;  // chunks of the group's flagged tensors, in order
+  std::vector<double> chunk_uu;
+};
+
+class StageSignal {
+ public:
+  void publish(std::atomic<int>& stage, int value) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stage.store(value, std::memory_order_release);
+    }
+    changed_.notify_all();
+  }
+  void wait(const std::atomic<int>& stage, int value) {
+    if (stage.load(std::memory_order_acquire) >= value) return;
+    std::unique_lock<std::mutex> lock(mutex_);
+    changed_.wait(lock, [&] { return stage.load(std::memory_order_acquire) >= value; });
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable changed_;
+};
+
 }  // namespace lars_cpu
 
 // Version of the C interface below; cupylars/native.py checks it after loading.
-LARS_EXPORT int lars_cpu_abi_version() { return 2; }
+LARS_EXPORT int lars_cpu_abi_version() { return 3; }
 
 // One LARS step over the tensors of `tensors` (num_tensors rows, lars_math.h)
 // and their chunks (`blocks`, num_blocks entries). `partials` holds kSums
@@ -539,77 +668,126 @@ LARS_EXPORT int lars_cpu_step(const long long* tensors, int num_tensors, const l
     return row;
   };
 
-  workers.parallel_for(num_blocks, threads, false, [&](long long b) {
-    long long start, end;
-    const long long* row = row_of(b, &start, &end);
-    const int kind = static_cast<int>(row[kFieldKind]);
-    const int mode = stats_m ? kind % 3 : kNoState;
-    stats_fn(kind - kind % 3 + mode, need_p != 0)(row, start, end, ix, partials + b * kSums);
-  });
-
-  // Totals in chunk order: the same sums whatever the thread count.
-  std::vector<double> totals(static_cast<size_t>(num_tensors) * kSums, 0.0);
-  for (int t = 0; t < num_tensors; ++t) {
-    const long long* row = tensors + static_cast<long long>(t) * kTensorFields;
-    double* sum = &totals[static_cast<size_t>(t) * kSums];
-    for (long long k = 0; k < row[kFieldNumBlocks]; ++k)
-      for (int j = 0; j < kSums; ++j) sum[j] += partials[(row[kFieldFirstBlock] + k) * kSums + j];
-    if (policy == kPolicyRaise && !std::isfinite(sum[kGG])) return 1;
-  }
-
   const StepConfig config = {lr, momentum, dampening, weight_decay, trust_coefficient, eps, max_unorm, switches};
   TensorCoef* coef = reinterpret_cast<TensorCoef*>(coefs);
-  for (int t = 0; t < num_tensors; ++t)
-    coef[t] = finalize_tensor(tensors + static_cast<long long>(t) * kTensorFields,
-                              &totals[static_cast<size_t>(t) * kSums], percentile, policy, config);
-
   const float lam = static_cast<float>(weight_decay);
   const float mu = static_cast<float>(momentum);
   const float keep = static_cast<float>(1.0 - dampening);
   const bool nesterov = (switches & kSwitchNesterov) != 0;
   const bool uses_m = (switches & kSwitchMomentum) != 0;
 
-  // Tensors whose ||u|| the dot products cannot resolve (lars_math.h, unorm_needs_exact_norm):
-  // ||u||^2 summed again over their chunks from the u the update applies, in chunk order,
-  // and s set from it. Nothing runs when no tensor is flagged.
-  std::vector<long long> exact_blocks;
-  for (int t = 0; t < num_tensors; ++t) {
-    if (!(coef[t].flags & kCoefExactNorm)) continue;
-    const long long* row = tensors + static_cast<long long>(t) * kTensorFields;
-    for (long long k = 0; k < row[kFieldNumBlocks]; ++k) exact_blocks.push_back(row[kFieldFirstBlock] + k);
-  }
-  if (!exact_blocks.empty()) {
-    std::vector<double> chunk_uu(exact_blocks.size());
-    workers.parallel_for(static_cast<long long>(exact_blocks.size()), threads, false, [&](long long i) {
-      long long start, end;
-      const long long* row = row_of(exact_blocks[static_cast<size_t>(i)], &start, &end);
-      const TensorCoef& cf = coef[block_tensor(blocks[exact_blocks[static_cast<size_t>(i)]])];
-      const int kind = static_cast<int>(row[kFieldKind]);
-      const int mode = uses_m ? kind % 3 : kNoState;
-      chunk_uu[static_cast<size_t>(i)] = exact_fn(kind - kind % 3 + mode, (cf.flags & kCoefFirst) != 0,
-                                                  nesterov)(row, start, end, cf, lam, mu, keep, ix);
-    });
+  // "raise" must see every gradient before anything changes: one group.
+  const long long budget = policy == kPolicyRaise ? -1 : group_bytes.load(std::memory_order_relaxed);
+  const std::vector<Group> groups =
+      budget > 0 ? make_groups(tensors, num_tensors, budget)
+                 : std::vector<Group>{Group{0, num_tensors, 0, num_blocks}};
+  std::vector<GroupRun> runs(groups.size());
+  std::vector<double> totals(static_cast<size_t>(num_tensors) * kSums, 0.0);
+  std::atomic<bool> failed{false};
+  StageSignal signal;
+
+  auto stats_block = [&](long long b) {
+    long long start, end;
+    const long long* row = row_of(b, &start, &end);
+    const int kind = static_cast<int>(row[kFieldKind]);
+    const int mode = stats_m ? kind % 3 : kNoState;
+    stats_fn(kind - kind % 3 + mode, need_p != 0)(row, start, end, ix, partials + b * kSums);
+  };
+
+  // Run by the thread that completes a group's last stats chunk.
+  auto finalize_group = [&](const Group& group, GroupRun& run) {
+    // Totals in chunk order: the same sums whatever the thread count or the groups.
+    for (int t = group.first; t < group.end; ++t) {
+      const long long* row = tensors + static_cast<long long>(t) * kTensorFields;
+      double* sum = &totals[static_cast<size_t>(t) * kSums];
+      for (long long k = 0; k < row[kFieldNumBlocks]; ++k)
+        for (int j = 0; j < kSums; ++j) sum[j] += partials[(row[kFieldFirstBlock] + k) * kSums + j];
+      if (policy == kPolicyRaise && !std::isfinite(sum[kGG])) {
+        failed.store(true, std::memory_order_relaxed);
+        signal.publish(run.stage, kStageReady);
+        return;
+      }
+    }
+    for (int t = group.first; t < group.end; ++t)
+      coef[t] = finalize_tensor(tensors + static_cast<long long>(t) * kTensorFields,
+                                &totals[static_cast<size_t>(t) * kSums], percentile, policy, config);
+    // Tensors whose ||u|| the dot products cannot resolve (lars_math.h, unorm_needs_exact_norm):
+    // ||u||^2 summed again over their chunks from the u the update applies, in chunk order.
+    for (int t = group.first; t < group.end; ++t) {
+      if (!(coef[t].flags & kCoefExactNorm)) continue;
+      const long long* row = tensors + static_cast<long long>(t) * kTensorFields;
+      for (long long k = 0; k < row[kFieldNumBlocks]; ++k) run.exact_blocks.push_back(row[kFieldFirstBlock] + k);
+    }
+    run.chunk_uu.resize(run.exact_blocks.size());
+    signal.publish(run.stage, run.exact_blocks.empty() ? kStageReady : kStageExact);
+  };
+
+  auto exact_block = [&](GroupRun& run, long long i) {
+    const long long b = run.exact_blocks[static_cast<size_t>(i)];
+    long long start, end;
+    const long long* row = row_of(b, &start, &end);
+    const TensorCoef& cf = coef[block_tensor(blocks[b])];
+    const int kind = static_cast<int>(row[kFieldKind]);
+    const int mode = uses_m ? kind % 3 : kNoState;
+    run.chunk_uu[static_cast<size_t>(i)] = exact_fn(kind - kind % 3 + mode, (cf.flags & kCoefFirst) != 0,
+                                                    nesterov)(row, start, end, cf, lam, mu, keep, ix);
+  };
+
+  // Run by the thread that completes a group's last exact chunk: s from ||u||, per tensor.
+  auto finish_exact = [&](const Group& group, GroupRun& run) {
     size_t next = 0;  // exact_blocks lists each flagged tensor's chunks together, in order
-    for (int t = 0; t < num_tensors; ++t) {
+    for (int t = group.first; t < group.end; ++t) {
       if (!(coef[t].flags & kCoefExactNorm)) continue;
       const long long chunks = tensors[static_cast<long long>(t) * kTensorFields + kFieldNumBlocks];
       double uu = 0.0;
-      for (long long k = 0; k < chunks; ++k) uu += chunk_uu[next++];
+      for (long long k = 0; k < chunks; ++k) uu += run.chunk_uu[next++];
       exact_unorm_coef(coef[t], uu, max_unorm);
     }
-  }
+    signal.publish(run.stage, kStageReady);
+  };
 
-  // Last chunks first: the stats phase ended there, so their data may still be in cache.
-  workers.parallel_for(num_blocks, threads, true, [&](long long b) {
+  auto update_block = [&](long long b) {
     long long start, end;
     const long long* row = row_of(b, &start, &end);
-    const int t = block_tensor(blocks[b]);
-    const TensorCoef& cf = coef[t];
+    const TensorCoef& cf = coef[block_tensor(blocks[b])];
     if (cf.flags & kCoefSkip) return;
     const int kind = static_cast<int>(row[kFieldKind]);
     const int mode = uses_m ? kind % 3 : kNoState;
     update_fn(kind - kind % 3 + mode, (cf.flags & kCoefFirst) != 0, nesterov)(row, start, end, cf, lam, mu,
                                                                                keep, ix);
-  });
-  return 0;
+  };
+
+  // Every thread walks the groups in order, claiming chunks; a thread that finds a
+  // group's chunks all claimed moves on (stats) or sleeps until its stage is reached.
+  auto walk = [&] {
+    for (size_t k = 0; k < groups.size(); ++k) {
+      const Group& group = groups[k];
+      GroupRun& run = runs[k];
+      const long long count = group.end_block - group.first_block;
+      for (long long i; (i = run.stats_next.fetch_add(1, std::memory_order_relaxed)) < count;) {
+        stats_block(group.first_block + i);
+        if (run.stats_done.fetch_add(1, std::memory_order_acq_rel) + 1 == count) finalize_group(group, run);
+      }
+      signal.wait(run.stage, kStageExact);
+      if (failed.load(std::memory_order_relaxed)) return;
+      const long long exact = static_cast<long long>(run.exact_blocks.size());
+      for (long long i; (i = run.exact_next.fetch_add(1, std::memory_order_relaxed)) < exact;) {
+        exact_block(run, i);
+        if (run.exact_done.fetch_add(1, std::memory_order_acq_rel) + 1 == exact) finish_exact(group, run);
+      }
+      signal.wait(run.stage, kStageReady);
+      // Last chunks first: the stats phase ended there, so their data is the likeliest in cache.
+      for (long long i; (i = run.update_next.fetch_add(1, std::memory_order_relaxed)) < count;)
+        update_block(group.end_block - 1 - i);
+    }
+  };
+  workers.parallel_for(threads, threads, false, [&](long long) { walk(); });
+  return failed.load() ? 1 : 0;
 }
+
+// The cache budget of a group of tensors (bytes of p, g and m); <= 0: one group. Returns
+// the previous budget. cupylars/cpu.py sets it from the host's cache size.
+LARS_EXPORT long long lars_cpu_set_group_bytes(long long bytes) {
+  return lars_cpu::group_bytes.exchange(bytes);
+}
+
