@@ -4,11 +4,13 @@ and any thread count give the same bits as one group over the whole step."""
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import pytest
 from lars_cases import random_grad, random_problem
 
-from cupylars import cpu, plan
+from cupylars import cpu, native, plan, quantization
 from cupylars import functional as F
 from cupylars.testing import native_cpu
 
@@ -151,3 +153,68 @@ def test_group_budget_is_half_the_largest_data_cache(tmp_path):
 def test_a_negative_budget_is_refused(backend):
     with pytest.raises(ValueError, match="group bytes"):
         backend.set_group_bytes(-1)
+
+
+# ---- the 8-bit codes of the vector path -----------------------------------------------------------
+def _native_codes(x: np.ndarray) -> np.ndarray:
+    lib = native.library()
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty(x.size, dtype=np.uint8)
+    book = quantization.dynamic_map()
+    lib.lars_cpu_nearest_codes(book.ctypes.data, x.ctypes.data, x.size, out.ctypes.data)
+    return out
+
+
+def _host_flags() -> set[str]:
+    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+        for line in handle:
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the gathers are x86's")
+def test_the_build_uses_the_hosts_vector_codec():
+    """The library is built for the host (-march=native), so the codec below is its vector one."""
+    flags = _host_flags()
+    want = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "scalar"
+    assert native.library().lars_cpu_codec_path().decode() == want
+
+
+def test_codes_equal_the_rule_for_every_float32_in_minus_one_to_one():
+    """Every float32 in [-1, 1] (x = m / absmax lies there), in ascending order: the codes
+    start at the rule's code of -1 and step up by one exactly after each threshold (the
+    largest float of each code), as quantization's rule has them (test_quantization_thresholds)."""
+    t = quantization.code_thresholds()
+    ordered_t = quantization._ordered(t).astype(np.int64)
+    lo, hi = (int(i) for i in quantization._ordered(np.array([-1.0, 1.0], dtype=np.float32)))
+    hi += 1
+    span = 1 << 24
+    sign = np.int32(-(2**31))
+    for start in range(lo, hi, span):
+        end = min(hi, start + span)
+        ordered = np.arange(start, end, dtype=np.int32)
+        x = np.where(ordered >= 0, ordered, np.negative(ordered) | sign).view(np.float32)
+        codes = _native_codes(x)
+        first = int(np.searchsorted(t, x[0], side="left"))
+        assert codes[0] == first, (start, x[0])
+        steps = np.flatnonzero(codes[1:] != codes[:-1]) + 1
+        expected = ordered_t[(ordered_t + 1 > start) & (ordered_t + 1 < end)] + 1 - start
+        np.testing.assert_array_equal(steps, expected, err_msg=f"steps in [{x[0]}, {x[-1]}]")
+        assert np.all(codes[steps] == codes[steps - 1] + 1)
+
+
+def test_codes_equal_the_rule_beyond_one_and_for_specials():
+    """A sweep over all bit patterns (every exponent, both signs, NaNs, infinities), -0.0,
+    and the lengths around the vector width (the scalar tail)."""
+    bits = np.arange(0, 2**32, 4099, dtype=np.uint64).astype(np.uint32)
+    specials = np.array([0.0, -0.0, np.inf, np.nan, -np.nan, 1e-45, -1e-45], dtype=np.float32)
+    x = bits.view(np.float32)
+    # x = m / absmax is never -inf (|m| <= absmax, or NaN): the table codes it as its key's
+    # NaNs (255), the rule as 0. Left out.
+    x = np.concatenate([x[x != -np.inf], specials])
+    with np.errstate(invalid="ignore"):
+        want = quantization._nearest_code(np, x)
+    np.testing.assert_array_equal(_native_codes(x), want)
+    for n in range(1, 40):
+        np.testing.assert_array_equal(_native_codes(x[-n - 100 : -100]), want[-n - 100 : -100])

@@ -32,11 +32,12 @@
 #include "../lars_math.h"
 
 #include <pthread.h>
-#ifdef __AVX512F__
+#if defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
 #include <algorithm>
+#include <cstddef>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -153,16 +154,76 @@ inline unsigned char nearest_code(const CodeIndex& ix, float x) {
 }
 
 // nearest_code over n values; branch-free (two loads and a compare per value)
-// when one compare suffices, as it does for the dynamic map.
+// when one compare suffices, as it does for the dynamic map. With AVX2 or AVX-512 the two
+// loads are gathers, 8 or 16 values at a time: the key's base code (4 bytes read at the
+// key's byte, the low one kept: the struct's `extra` follows base[], so reading past its
+// last entry stays inside the struct) and the threshold above it; NaN > t is false there
+// too. The codes are the scalar loop's (tests/test_cpu_schedule.py checks every float32
+// in [-1, 1], the range of m / absmax, through lars_cpu_nearest_codes).
+#if defined(__AVX512F__)
+constexpr const char* kCodecPath = "avx512";
+#elif defined(__AVX2__)
+constexpr const char* kCodecPath = "avx2";
+#else
+constexpr const char* kCodecPath = "scalar";
+#endif
+static_assert(offsetof(CodeIndex, extra) == offsetof(CodeIndex, base) + sizeof(CodeIndex::base),
+              "the gathers of base[] read up to 3 bytes past its end, into `extra`");
+
 inline void nearest_codes(const CodeIndex& ix, const float* x, int n, unsigned char* out) {
   if (ix.extra != 1) {
     for (int k = 0; k < n; ++k) out[k] = nearest_code(ix, x[k]);
     return;
   }
-  for (int k = 0; k < n; ++k) {
+  int k = 0;
+#if defined(__AVX512F__)
+  const __m512i low_byte = _mm512_set1_epi32(0xff), one = _mm512_set1_epi32(1);
+  for (; k + 16 <= n; k += 16) {
+    const __m512 v = _mm512_loadu_ps(x + k);
+    const __m512i key = _mm512_srli_epi32(_mm512_castps_si512(v), 16);
+    const __m512i base = _mm512_and_si512(_mm512_i32gather_epi32(key, ix.base, 1), low_byte);
+    const __m512 t = _mm512_i32gather_ps(base, ix.threshold, 4);
+    const __m512i code = _mm512_mask_add_epi32(base, _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ), base, one);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), _mm512_cvtepi32_epi8(code));
+  }
+#elif defined(__AVX2__)
+  const __m256i low_byte = _mm256_set1_epi32(0xff);
+  for (; k + 8 <= n; k += 8) {
+    const __m256 v = _mm256_loadu_ps(x + k);
+    const __m256i key = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+    const __m256i base =
+        _mm256_and_si256(_mm256_i32gather_epi32(reinterpret_cast<const int*>(ix.base), key, 1), low_byte);
+    const __m256 t = _mm256_i32gather_ps(ix.threshold, base, 4);
+    // above: all ones (-1) where v > t; code = base - above
+    const __m256i above = _mm256_castps_si256(_mm256_cmp_ps(v, t, _CMP_GT_OQ));
+    const __m256i code = _mm256_sub_epi32(base, above);
+    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + k), _mm_packus_epi16(words, words));
+  }
+#endif
+  for (; k < n; ++k) {
     const int code = ix.base[float_bits(x[k]) >> 16];  // NaN keys hold 255, and NaN > t is false
     out[k] = static_cast<unsigned char>(code + (x[k] > ix.threshold[code] ? 1 : 0));
   }
+}
+
+// book[code] * scale for n codes (gathers with AVX2 / AVX-512; the same float products).
+inline void dequantize(const CodeIndex& ix, const unsigned char* codes, float scale, int n, float* out) {
+  int k = 0;
+#if defined(__AVX512F__)
+  const __m512 s = _mm512_set1_ps(scale);
+  for (; k + 16 <= n; k += 16) {
+    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k)));
+    _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_i32gather_ps(c, ix.book, 4), s));
+  }
+#elif defined(__AVX2__)
+  const __m256 s = _mm256_set1_ps(scale);
+  for (; k + 8 <= n; k += 8) {
+    const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + k)));
+    _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_i32gather_ps(ix.book, c, 4), s));
+  }
+#endif
+  for (; k < n; ++k) out[k] = ix.book[codes[k]] * scale;
 }
 
 // ---- the thread pool ---------------------------------------------------------------------
@@ -259,118 +320,145 @@ Pool& pool() {
 }
 
 // ---- phase 1: the dot products of one chunk --------------------------------------------------
-// Eight elements at a time, read straight from p, g and m (16-bit formats widened, 8-bit
-// codes dequantized with their block's one scale), converted to float64 and summed into
-// eight lanes of accumulators in a fixed order, combined by a fixed tree at the end.
-// Lane l holds the elements start + 8j + l, whatever vector width the host has, so the
-// result is the same on every machine and for every thread count. A last group of fewer
-// than eight elements is zero-filled, which adds exact zeros (an accumulator starts at
-// +0 and so is never -0).
+// A 256-element tile at a time: p, g and m as float32 (read in place for float32; 16-bit
+// formats widened and 8-bit codes dequantized with the tile's one scale into arrays),
+// converted to float64 and summed into eight lanes of accumulators in a fixed order,
+// combined by a fixed tree at the end. Lane l holds the elements start + 8j + l, whatever
+// vector width the host has, so the result is the same on every machine and for every
+// thread count. Past the end of the tensor a tile is zero-filled, which adds exact zeros
+// (an accumulator starts at +0 and so is never -0).
 constexpr int kLanes = 8;
-// Eight float64 lanes as one value (GCC/Clang vector extensions).
-typedef double Lanes __attribute__((vector_size(kLanes * sizeof(double))));
-typedef float Lanes32 __attribute__((vector_size(kLanes * sizeof(float))));
-typedef _Float16 Lanes16 __attribute__((vector_size(kLanes * sizeof(_Float16))));
-typedef unsigned short LanesU16 __attribute__((vector_size(kLanes * sizeof(unsigned short))));
-typedef unsigned int LanesU32 __attribute__((vector_size(kLanes * sizeof(unsigned int))));
-
-// float32 -> float64 is exact: one conversion instruction where the host has 512-bit vectors.
-inline Lanes widen(Lanes32 v) {
-#ifdef __AVX512F__
-  Lanes out;
-  const __m512d wide = _mm512_cvtps_pd(reinterpret_cast<__m256&>(v));
-  std::memcpy(&out, &wide, sizeof out);
-  return out;
+// The eight lanes as kParts host vectors of float64: one with 512-bit vectors, else two
+// (or four) held in registers, so no lane ever moves through memory.
+#if defined(__AVX512F__)
+constexpr int kParts = 1;
+#elif defined(__AVX__)
+constexpr int kParts = 2;
 #else
-  return __builtin_convertvector(v, Lanes);
+constexpr int kParts = 4;
 #endif
-}
+constexpr int kWidth = kLanes / kParts;  // lanes per host vector
+typedef double Lanes __attribute__((vector_size(kWidth * sizeof(double))));
+typedef float Lanes32 __attribute__((vector_size(kWidth * sizeof(float))));
+
+// float32 -> float64 is exact. One load-and-convert instruction on x86 (the generic
+// vector conversion goes through the stack there: measured, callgrind).
 inline Lanes widen(const float* x) {
-  Lanes32 v;
-  std::memcpy(&v, x, sizeof v);
-  return widen(v);
+#if defined(__AVX512F__)
+  const __m512d v = _mm512_cvtps_pd(_mm256_loadu_ps(x));
+#elif defined(__AVX__)
+  const __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(x));
+#elif defined(__SSE2__)
+  const __m128d v = _mm_cvtps_pd(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(x))));
+#else
+  Lanes32 f;
+  std::memcpy(&f, x, sizeof f);
+  const Lanes v = __builtin_convertvector(f, Lanes);
+#endif
+  Lanes out;
+  std::memcpy(&out, &v, sizeof out);
+  return out;
+}
+inline double lane_tree(const Lanes (&a)[kParts]) {  // ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))
+  double lane[kLanes];
+  std::memcpy(lane, a, sizeof lane);
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
-// Eight consecutive elements of a storage format as float32 (exact for every format).
-template <int F>
-inline Lanes32 load8(const typename Elem<F>::T* x) {
-  if constexpr (F == kF32) {
-    Lanes32 v;
-    std::memcpy(&v, x, sizeof v);
-    return v;
-  } else if constexpr (F == kF16) {
-    Lanes16 h;
-    std::memcpy(&h, x, sizeof h);
-    return __builtin_convertvector(h, Lanes32);
-  } else {
-    LanesU16 h;
-    std::memcpy(&h, x, sizeof h);
-    const LanesU32 bits = __builtin_convertvector(h, LanesU32) << 16;
-    Lanes32 v;
-    std::memcpy(&v, &bits, sizeof v);
-    return v;
+// The six lane sums of a chunk (those a pass does not need stay zero).
+struct LaneSums {
+  Lanes gg[kParts], pp[kParts], mm[kParts], gp[kParts], gm[kParts], pm[kParts];
+};
+
+// Adds the products of n elements (a multiple of 8) of g, p (kP) and m (kM) to the lanes.
+// kPass 0: all of them; 1: g.g, p.p, g.p; 2: m.m, g.m, p.m. With fewer than 512-bit vectors
+// a tile takes passes 1 and 2 (its data is in L1), so that the accumulators and the data
+// of a pass stay in registers.
+template <bool kP, bool kM, int kPass>
+inline __attribute__((always_inline)) void add_lanes(const float* __restrict__ g, const float* __restrict__ p,
+                                                     const float* __restrict__ m, int n, LaneSums& sums) {
+  constexpr bool kGP = kPass != 2, kMM = kM && kPass != 1;
+  Lanes gg[kParts], pp[kParts], gp[kParts], mm[kParts], gm[kParts], pm[kParts];
+  for (int q = 0; q < kParts; ++q) {
+    gg[q] = sums.gg[q], pp[q] = sums.pp[q], gp[q] = sums.gp[q];
+    mm[q] = sums.mm[q], gm[q] = sums.gm[q], pm[q] = sums.pm[q];
+  }
+  for (int i = 0; i < n; i += kLanes) {
+    for (int q = 0; q < kParts; ++q) {
+      const int at = i + q * kWidth;
+      const Lanes gd = widen(g + at);
+      const Lanes pd = kP ? widen(p + at) : Lanes{};
+      if (kGP) {
+        gg[q] += gd * gd;
+        if (kP) {
+          pp[q] += pd * pd;
+          gp[q] += gd * pd;
+        }
+      }
+      if (kMM) {
+        const Lanes md = widen(m + at);
+        mm[q] += md * md;
+        gm[q] += gd * md;
+        if (kP) pm[q] += pd * md;
+      }
+    }
+  }
+  for (int q = 0; q < kParts; ++q) {
+    sums.gg[q] = gg[q], sums.pp[q] = pp[q], sums.gp[q] = gp[q];
+    sums.mm[q] = mm[q], sums.gm[q] = gm[q], sums.pm[q] = pm[q];
   }
 }
-// The same for count < 8 elements, zero-filled.
-template <int F>
-inline Lanes32 load_tail(const typename Elem<F>::T* x, int count) {
-  Lanes32 v = {};
-  for (int k = 0; k < count; ++k) v[k] = Elem<F>::load(x[k]);
-  return v;
-}
-// Eight 8-bit codes dequantized with the scale of their 256-element block.
-inline Lanes32 dequant8(const CodeIndex& ix, const unsigned char* codes, float scale, int count) {
-  Lanes32 v = {};
-  for (int k = 0; k < count; ++k) v[k] = ix.book[codes[k]] * scale;
-  return v;
+
+template <bool kP, bool kM>
+inline void add_tile(const float* g, const float* p, const float* m, int n, LaneSums& sums) {
+  if (kParts == 1 || !kM) {
+    add_lanes<kP, kM, 0>(g, p, m, n, sums);
+  } else {
+    add_lanes<kP, kM, 1>(g, p, m, n, sums);
+    add_lanes<kP, kM, 2>(g, p, m, n, sums);
+  }
 }
 
 template <int F, int M, bool kNeedP>
 void stats_chunk(const long long* row, long long start, long long end, const CodeIndex& ix, double* out) {
-  using T = typename Elem<F>::T;
+  using E = Elem<F>;
+  using T = typename E::T;
   const T* __restrict__ g = address<const T>(row, kFieldGrad);
   const T* __restrict__ p = address<const T>(row, kFieldParam);
   const float* __restrict__ m32 = address<const float>(row, kFieldState);
   const unsigned char* __restrict__ codes = address<const unsigned char>(row, kFieldState);
   const float* __restrict__ absmax = address<const float>(row, kFieldAbsmax);
   constexpr bool kUseM = M != kNoState;
-  Lanes gg = {}, pp = {}, mm = {}, gp = {}, gm = {}, pm = {};
-  // float32 x float32 is exact in float64: only the accumulation rounds.
-  auto add = [&](Lanes32 gf, Lanes32 pf, Lanes32 mf) {
-    const Lanes gd = widen(gf);
-    gg += gd * gd;
-    if (kNeedP) {
-      const Lanes pd = widen(pf);
-      pp += pd * pd;
-      gp += gd * pd;
-      if (kUseM) pm += pd * widen(mf);
+  LaneSums sums = {};
+  alignas(64) float gv[kQBlock], pv[kQBlock], mv[kQBlock];
+  for (long long tile = start; tile < end; tile += kQBlock) {
+    const int count = static_cast<int>(std::min<long long>(kQBlock, end - tile));
+    const float *gt = gv, *pt = pv, *mt = mv;
+    if (F == kF32 && count == kQBlock) {  // read in place
+      gt = reinterpret_cast<const float*>(g) + tile;
+      pt = reinterpret_cast<const float*>(p) + tile;
+    } else {
+      for (int k = 0; k < count; ++k) gv[k] = E::load(g[tile + k]);
+      if (kNeedP)
+        for (int k = 0; k < count; ++k) pv[k] = E::load(p[tile + k]);
     }
-    if (kUseM) {
-      const Lanes md = widen(mf);
-      mm += md * md;
-      gm += gd * md;
+    if (M == kState32) {
+      if (count == kQBlock) {
+        mt = m32 + tile;
+      } else {
+        for (int k = 0; k < count; ++k) mv[k] = m32[tile + k];
+      }
     }
-  };
-  long long i = start;
-  for (; i + kLanes <= end; i += kLanes) {
-    Lanes32 mf = {};
-    if (M == kState32) mf = load8<kF32>(m32 + i);
-    if (M == kState8) mf = dequant8(ix, codes + i, absmax[i / kQBlock], kLanes);
-    add(load8<F>(g + i), kNeedP ? load8<F>(p + i) : Lanes32{}, mf);
+    if (M == kState8) {
+      const float scale = absmax[tile / kQBlock];
+      dequantize(ix, codes + tile, scale, count, mv);
+    }
+    const int n = (count + kLanes - 1) / kLanes * kLanes;  // zero-filled up to the lanes
+    for (int k = count; k < n; ++k) gv[k] = pv[k] = mv[k] = 0.0f;
+    add_tile<kNeedP, kUseM>(gt, pt, mt, n, sums);
   }
-  if (i < end) {
-    const int count = static_cast<int>(end - i);
-    Lanes32 mf = {};
-    if (M == kState32) mf = load_tail<kF32>(m32 + i, count);
-    if (M == kState8) mf = dequant8(ix, codes + i, absmax[i / kQBlock], count);
-    add(load_tail<F>(g + i, count), kNeedP ? load_tail<F>(p + i, count) : Lanes32{}, mf);
-  }
-  const Lanes* acc[kSums];
-  acc[kGG] = &gg, acc[kPP] = &pp, acc[kMM] = &mm, acc[kGP] = &gp, acc[kGM] = &gm, acc[kPM] = &pm;
-  for (int j = 0; j < kSums; ++j) {
-    const Lanes& a = *acc[j];
-    out[j] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-  }
+  out[kGG] = lane_tree(sums.gg), out[kPP] = lane_tree(sums.pp), out[kMM] = lane_tree(sums.mm);
+  out[kGP] = lane_tree(sums.gp), out[kGM] = lane_tree(sums.gm), out[kPM] = lane_tree(sums.pm);
 }
 
 // ---- phase 3: the update of one chunk ----------------------------------------------------------
@@ -398,7 +486,11 @@ void update_chunk(const long long* row, long long start, long long end, const Te
     const int count = static_cast<int>(std::min<long long>(kQBlock, end - tile));
     const float scale = absmax[tile / kQBlock];
     alignas(64) float m[kQBlock];
-    for (int k = 0; k < count; ++k) m[k] = kFirst ? 0.0f : ix.book[codes[tile + k]] * scale;
+    if (kFirst) {
+      for (int k = 0; k < count; ++k) m[k] = 0.0f;
+    } else {
+      dequantize(ix, codes + tile, scale, count, m);
+    }
     for (int k = 0; k < count; ++k) {
       const long long i = tile + k;
       p[i] = E::store(step_element<true>(cf, lam, mu, keep, kNesterov, kFirst, E::load(p[i]), E::load(g[i]), m[k]));
@@ -437,7 +529,7 @@ double exact_unorm_chunk(const long long* row, long long start, long long end, c
   const unsigned char* __restrict__ codes = address<const unsigned char>(row, kFieldState);
   const float* __restrict__ absmax = address<const float>(row, kFieldAbsmax);
   constexpr bool kMomentum = M != kNoState;
-  Lanes acc = {};
+  LaneSums sums = {};
   alignas(64) float uv[kQBlock];
   for (long long tile = start; tile < end; tile += kQBlock) {
     const int count = static_cast<int>(std::min<long long>(kQBlock, end - tile));
@@ -448,13 +540,11 @@ double exact_unorm_chunk(const long long* row, long long start, long long end, c
       if (kMomentum && !kFirst) m = M == kState8 ? ix.book[codes[i]] * scale : m32[i];
       uv[k] = update_direction<kMomentum>(cf, lam, mu, keep, kNesterov, kFirst, E::load(p[i]), E::load(g[i]), m);
     }
-    for (int k = count; k < kQBlock; ++k) uv[k] = 0.0f;
-    for (int k = 0; k < kQBlock; k += kLanes) {
-      const Lanes ud = widen(uv + k);
-      acc += ud * ud;
-    }
+    const int n = (count + kLanes - 1) / kLanes * kLanes;  // zero-filled up to the lanes
+    for (int k = count; k < n; ++k) uv[k] = 0.0f;
+    add_tile<false, false>(uv, nullptr, nullptr, n, sums);
   }
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  return lane_tree(sums.gg);
 }
 
 // ---- dispatch on (format, state mode) ----------------------------------------------------------
@@ -757,16 +847,32 @@ LARS_EXPORT int lars_cpu_step(const long long* tensors, int num_tensors, const l
                                                                                keep, ix);
   };
 
-  // Every thread walks the groups in order, claiming chunks; a thread that finds a
-  // group's chunks all claimed moves on (stats) or sleeps until its stage is reached.
+  // Claims one stats chunk of group k and runs it (finalizing the group after its last
+  // chunk); false when all its chunks are claimed.
+  auto stats_one = [&](size_t k) {
+    const Group& group = groups[k];
+    GroupRun& run = runs[k];
+    const long long count = group.end_block - group.first_block;
+    const long long i = run.stats_next.fetch_add(1, std::memory_order_relaxed);
+    if (i >= count) return false;
+    stats_block(group.first_block + i);
+    if (run.stats_done.fetch_add(1, std::memory_order_acq_rel) + 1 == count) finalize_group(group, run);
+    return true;
+  };
+
+  // Every thread walks the groups in order, claiming chunks. A thread that finds a group's
+  // stats chunks all claimed but the group not yet finalized (another thread is on its last
+  // chunks, or finalizing) takes stats chunks of the next group meanwhile, and sleeps only
+  // when there are none: a thread that is descheduled holds up the others for at most the
+  // chunk it holds.
   auto walk = [&] {
     for (size_t k = 0; k < groups.size(); ++k) {
       const Group& group = groups[k];
       GroupRun& run = runs[k];
       const long long count = group.end_block - group.first_block;
-      for (long long i; (i = run.stats_next.fetch_add(1, std::memory_order_relaxed)) < count;) {
-        stats_block(group.first_block + i);
-        if (run.stats_done.fetch_add(1, std::memory_order_acq_rel) + 1 == count) finalize_group(group, run);
+      while (stats_one(k)) {
+      }
+      while (run.stage.load(std::memory_order_acquire) < kStageExact && k + 1 < groups.size() && stats_one(k + 1)) {
       }
       signal.wait(run.stage, kStageExact);
       if (failed.load(std::memory_order_relaxed)) return;
@@ -784,6 +890,15 @@ LARS_EXPORT int lars_cpu_step(const long long* tensors, int num_tensors, const l
   workers.parallel_for(threads, threads, false, [&](long long) { walk(); });
   return failed.load() ? 1 : 0;
 }
+
+// The 8-bit codes of n values of x (code_map: the dynamic map) as the update computes them,
+// and which code path this build uses: tests/test_cpu_schedule.py checks them.
+LARS_EXPORT void lars_cpu_nearest_codes(const float* code_map, const float* x, long long n, unsigned char* out) {
+  const lars_cpu::CodeIndex& ix = lars_cpu::code_index(code_map);
+  for (long long at = 0; at < n; at += 1 << 20)
+    lars_cpu::nearest_codes(ix, x + at, static_cast<int>(std::min<long long>(1 << 20, n - at)), out + at);
+}
+LARS_EXPORT const char* lars_cpu_codec_path() { return lars_cpu::kCodecPath; }
 
 // The cache budget of a group of tensors (bytes of p, g and m); <= 0: one group. Returns
 // the previous budget. cupylars/cpu.py sets it from the host's cache size.
