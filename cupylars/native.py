@@ -134,8 +134,6 @@ def _build() -> tuple[ctypes.CDLL, Path]:
     lib.lars_cpu_set_group_bytes.argtypes = [c_ll]
     lib.lars_cpu_nearest_codes.restype = None
     lib.lars_cpu_nearest_codes.argtypes = [c_ptr, c_ptr, c_ll, c_ptr]
-    lib.lars_cpu_codec_path.restype = ctypes.c_char_p
-    lib.lars_cpu_codec_path.argtypes = []
     return lib, target
 
 

@@ -4,8 +4,6 @@ and any thread count give the same bits as one group over the whole step."""
 
 from __future__ import annotations
 
-import platform
-
 import numpy as np
 import pytest
 from lars_cases import random_grad, random_problem
@@ -155,7 +153,7 @@ def test_a_negative_budget_is_refused(backend):
         backend.set_group_bytes(-1)
 
 
-# ---- the 8-bit codes of the vector path -----------------------------------------------------------
+# ---- the 8-bit codes of the update -----------------------------------------------------------
 def _native_codes(x: np.ndarray) -> np.ndarray:
     lib = native.library()
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -163,22 +161,6 @@ def _native_codes(x: np.ndarray) -> np.ndarray:
     book = quantization.dynamic_map()
     lib.lars_cpu_nearest_codes(book.ctypes.data, x.ctypes.data, x.size, out.ctypes.data)
     return out
-
-
-def _host_flags() -> set[str]:
-    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
-        for line in handle:
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    return set()
-
-
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the gathers are x86's")
-def test_the_build_uses_the_hosts_vector_codec():
-    """The library is built for the host (-march=native), so the codec below is its vector one."""
-    flags = _host_flags()
-    want = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "scalar"
-    assert native.library().lars_cpu_codec_path().decode() == want
 
 
 def test_codes_equal_the_rule_for_every_float32_in_minus_one_to_one():

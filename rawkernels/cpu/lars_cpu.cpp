@@ -154,76 +154,25 @@ inline unsigned char nearest_code(const CodeIndex& ix, float x) {
 }
 
 // nearest_code over n values; branch-free (two loads and a compare per value)
-// when one compare suffices, as it does for the dynamic map. With AVX2 or AVX-512 the two
-// loads are gathers, 8 or 16 values at a time: the key's base code (4 bytes read at the
-// key's byte, the low one kept: the struct's `extra` follows base[], so reading past its
-// last entry stays inside the struct) and the threshold above it; NaN > t is false there
-// too. The codes are the scalar loop's (tests/test_cpu_schedule.py checks every float32
-// in [-1, 1], the range of m / absmax, through lars_cpu_nearest_codes).
-#if defined(__AVX512F__)
-constexpr const char* kCodecPath = "avx512";
-#elif defined(__AVX2__)
-constexpr const char* kCodecPath = "avx2";
-#else
-constexpr const char* kCodecPath = "scalar";
-#endif
-static_assert(offsetof(CodeIndex, extra) == offsetof(CodeIndex, base) + sizeof(CodeIndex::base),
-              "the gathers of base[] read up to 3 bytes past its end, into `extra`");
-
+// when one compare suffices, as it does for the dynamic map. (AVX2 and AVX-512 gathers of
+// the two loads, and a single-load table of base code and cut, were slower on the 2-core
+// AMD EPYC host this was measured on: see docs/benchmarks.md.) The codes equal the rule's
+// for every float32 in [-1, 1], the range of m / absmax (tests/test_cpu_schedule.py,
+// through lars_cpu_nearest_codes).
 inline void nearest_codes(const CodeIndex& ix, const float* x, int n, unsigned char* out) {
   if (ix.extra != 1) {
     for (int k = 0; k < n; ++k) out[k] = nearest_code(ix, x[k]);
     return;
   }
-  int k = 0;
-#if defined(__AVX512F__)
-  const __m512i low_byte = _mm512_set1_epi32(0xff), one = _mm512_set1_epi32(1);
-  for (; k + 16 <= n; k += 16) {
-    const __m512 v = _mm512_loadu_ps(x + k);
-    const __m512i key = _mm512_srli_epi32(_mm512_castps_si512(v), 16);
-    const __m512i base = _mm512_and_si512(_mm512_i32gather_epi32(key, ix.base, 1), low_byte);
-    const __m512 t = _mm512_i32gather_ps(base, ix.threshold, 4);
-    const __m512i code = _mm512_mask_add_epi32(base, _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ), base, one);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), _mm512_cvtepi32_epi8(code));
-  }
-#elif defined(__AVX2__)
-  const __m256i low_byte = _mm256_set1_epi32(0xff);
-  for (; k + 8 <= n; k += 8) {
-    const __m256 v = _mm256_loadu_ps(x + k);
-    const __m256i key = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
-    const __m256i base =
-        _mm256_and_si256(_mm256_i32gather_epi32(reinterpret_cast<const int*>(ix.base), key, 1), low_byte);
-    const __m256 t = _mm256_i32gather_ps(ix.threshold, base, 4);
-    // above: all ones (-1) where v > t; code = base - above
-    const __m256i above = _mm256_castps_si256(_mm256_cmp_ps(v, t, _CMP_GT_OQ));
-    const __m256i code = _mm256_sub_epi32(base, above);
-    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + k), _mm_packus_epi16(words, words));
-  }
-#endif
-  for (; k < n; ++k) {
+  for (int k = 0; k < n; ++k) {
     const int code = ix.base[float_bits(x[k]) >> 16];  // NaN keys hold 255, and NaN > t is false
     out[k] = static_cast<unsigned char>(code + (x[k] > ix.threshold[code] ? 1 : 0));
   }
 }
 
-// book[code] * scale for n codes (gathers with AVX2 / AVX-512; the same float products).
+// book[code] * scale for n codes.
 inline void dequantize(const CodeIndex& ix, const unsigned char* codes, float scale, int n, float* out) {
-  int k = 0;
-#if defined(__AVX512F__)
-  const __m512 s = _mm512_set1_ps(scale);
-  for (; k + 16 <= n; k += 16) {
-    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k)));
-    _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_i32gather_ps(c, ix.book, 4), s));
-  }
-#elif defined(__AVX2__)
-  const __m256 s = _mm256_set1_ps(scale);
-  for (; k + 8 <= n; k += 8) {
-    const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + k)));
-    _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_i32gather_ps(ix.book, c, 4), s));
-  }
-#endif
-  for (; k < n; ++k) out[k] = ix.book[codes[k]] * scale;
+  for (int k = 0; k < n; ++k) out[k] = ix.book[codes[k]] * scale;
 }
 
 // ---- the thread pool ---------------------------------------------------------------------
@@ -892,13 +841,12 @@ LARS_EXPORT int lars_cpu_step(const long long* tensors, int num_tensors, const l
 }
 
 // The 8-bit codes of n values of x (code_map: the dynamic map) as the update computes them,
-// and which code path this build uses: tests/test_cpu_schedule.py checks them.
+// tests/test_cpu_schedule.py checks them.
 LARS_EXPORT void lars_cpu_nearest_codes(const float* code_map, const float* x, long long n, unsigned char* out) {
   const lars_cpu::CodeIndex& ix = lars_cpu::code_index(code_map);
   for (long long at = 0; at < n; at += 1 << 20)
     lars_cpu::nearest_codes(ix, x + at, static_cast<int>(std::min<long long>(1 << 20, n - at)), out + at);
 }
-LARS_EXPORT const char* lars_cpu_codec_path() { return lars_cpu::kCodecPath; }
 
 // The cache budget of a group of tensors (bytes of p, g and m); <= 0: one group. Returns
 // the previous budget. cupylars/cpu.py sets it from the host's cache size.
