@@ -16,16 +16,18 @@
 //             applies, and s set again from it (reads p, g, m once more);
 //   update    p and m rewritten (reads p, g, m, writes p, m: 20 B per element).
 // 32 B per element in all: the norms must cover the whole tensor before any
-// element changes, so p, g and m are read twice.
+// element changes, so p, g and m are read twice. The phases run per group of
+// consecutive tensors that fits in the cache (see "the schedule" below), so that
+// the second read comes from the cache.
 //
 // Determinism: chunks are fixed (a multiple of the 256-element 8-bit block),
 // each chunk is summed by one thread in a fixed lane order and the chunks of a
 // tensor are summed in their order, so the result does not depend on how many
 // threads run or which thread takes which chunk.
 //
-// Threads: a small pool of std::threads that sleep on a condition variable
-// between phases (no spinning while the caller's framework works); the calling
-// thread takes part. Calls from several Python threads are serialised by the
+// Threads: a small pool of std::threads, woken once per step, that sleep on a
+// condition variable between steps and while they wait for a group's finalize (no
+// spinning while the caller's framework works); the calling thread takes part. Calls from several Python threads are serialised by the
 // pool; each call brings its own scratch (partials, coefficients). A forked child gets a
 // fresh pool (pool() below).
 #define LARS_HOST_ONLY
