@@ -11,6 +11,12 @@ tensor, at the machine's default thread count (torch's).
 
 Rows:
 
+* ``limit (fused two-pass)``: the yardstick, ``benchmarks/limit_step.cpp``, compiled here
+  at first use with the native backend's flags (and OpenMP): the least work any two-pass
+  LARS step with float32 momentum can do (the six float64 dot products in fixed chunks,
+  the ``max_unorm`` coefficient, ``m = mu m + g + wd p; p -= lr s m``), one tensor at a
+  time with its norms and update back to back; the ``x limit`` column is each row's
+  ratio to it in the same rounds;
 * ``torch SGD foreach``: the baseline (no LARS at all);
 * ``cupylars LARS32bit`` / ``LARS8bit``: the torch adapter over the native CPU
   backend (``max_unorm`` 0.02, as bitsandbytes' default);
@@ -35,9 +41,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import hashlib
 import io
+import os
+import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +63,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from gpu_step import resnet50_shapes  # noqa: E402
 
 import cupylars.optim as cl  # noqa: E402
+from cupylars import native  # noqa: E402
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 1e-4
 BYTES_PER_ELEMENT_32 = 32
@@ -97,7 +110,68 @@ class ForeachLars(torch.optim.Optimizer):
             torch._foreach_add_(params, bufs, alpha=-group["lr"])
 
 
-def make_rows(shapes: list[tuple[int, ...]]) -> dict[str, torch.optim.Optimizer]:
+LIMIT_SOURCE = ROOT / "benchmarks" / "limit_step.cpp"
+LIMIT_CHUNK = 16384  # kChunk of limit_step.cpp
+
+
+def limit_library() -> ctypes.CDLL:
+    """benchmarks/limit_step.cpp, built once per (source, flags) with the native backend's flags."""
+    flags = [f for f in native.FLAGS if f != "-fvisibility=hidden"] + ["-fopenmp"]
+    cxx = native._compiler()
+    recipe = "\0".join([cxx, *flags, native._compiler_id(cxx), native._cpu_id()]).encode()
+    key = hashlib.sha256(recipe + b"\0" + LIMIT_SOURCE.read_bytes()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / f"cupylars-bench-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    info = folder.lstat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022 or not folder.is_dir() or folder.is_symlink():
+        raise RuntimeError(f"{folder} is not a private folder of this user: not loading code from it")
+    target = folder / f"limit_step-{key}.so"
+    if not target.exists():
+        scratch = folder / f"limit_step-{key}.{os.getpid()}.so"
+        subprocess.run([cxx, *flags, str(LIMIT_SOURCE), "-o", str(scratch)], check=True)
+        scratch.replace(target)
+    lib = ctypes.CDLL(str(target))
+    lib.limit_step.restype = None
+    lib.limit_step.argtypes = [
+        ctypes.c_int,
+        *[ctypes.c_void_p] * 5,
+        *[ctypes.c_double] * 4,
+        ctypes.c_int,
+    ]
+    return lib
+
+
+class LimitStep:
+    """The limit row: limit_step.cpp over the tensors of ``params`` (float32 momentum)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float, momentum: float, weight_decay: float):
+        self._lib = limit_library()
+        self._hp = (lr, momentum, weight_decay, 0.02)  # max_unorm as the cupylars rows
+        self._params = params
+        self._momenta = [torch.zeros_like(p) for p in params]
+        count = len(params)
+        pointers = ctypes.c_void_p * count
+        self._p = pointers(*[p.data_ptr() for p in params])
+        self._g = pointers(*[p.grad.data_ptr() for p in params])
+        self._m = pointers(*[m.data_ptr() for m in self._momenta])
+        self._sizes = (ctypes.c_longlong * count)(*[p.numel() for p in params])
+        chunks = max(-(-p.numel() // LIMIT_CHUNK) for p in params)
+        self._partials = torch.empty(6 * chunks, dtype=torch.float64)
+
+    def step(self) -> None:
+        self._lib.limit_step(
+            len(self._params),
+            self._p,
+            self._g,
+            self._m,
+            self._sizes,
+            self._partials.data_ptr(),
+            *self._hp,
+            torch.get_num_threads(),
+        )
+
+
+def make_rows(shapes: list[tuple[int, ...]]) -> dict[str, torch.optim.Optimizer | LimitStep]:
     gen = torch.Generator().manual_seed(0)
     base = [torch.randn(s, generator=gen) * 0.05 for s in shapes]
     grads = [torch.randn(s, generator=gen) * 0.01 for s in shapes]
@@ -111,7 +185,8 @@ def make_rows(shapes: list[tuple[int, ...]]) -> dict[str, torch.optim.Optimizer]
         return out
 
     hp = dict(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    rows: dict[str, torch.optim.Optimizer] = {
+    rows: dict[str, torch.optim.Optimizer | LimitStep] = {
+        "limit (fused two-pass)": LimitStep(params(), **hp),
         "torch SGD foreach": torch.optim.SGD(params(), foreach=True, **hp),
         "cupylars LARS32bit": cl.LARS32bit(params(), **hp),
         "cupylars LARS8bit": cl.LARS8bit(params(), **hp),
@@ -128,13 +203,21 @@ def make_rows(shapes: list[tuple[int, ...]]) -> dict[str, torch.optim.Optimizer]
 
 
 def interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: int = 2) -> dict[str, float]:
-    """Median milliseconds per call of each step, the steps taking turns round by round."""
+    """Median milliseconds per call of each step, the steps taking turns round by round.
+
+    Each round runs the steps in a new order (fixed seed): a row that leaves work behind
+    (OpenMP threads that spin for a while after a parallel region, torch's and the limit
+    row's) then slows every other row alike instead of always the one after it."""
     for _ in range(warmup):
         for step in steps.values():
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps)
+    shuffle = random.Random(0).shuffle
     for _ in range(rounds):
-        for name, step in steps.items():
+        shuffle(order)
+        for name in order:
+            step = steps[name]
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
@@ -150,11 +233,11 @@ def copy_bandwidth(nbytes: int, rounds: int) -> float:
 
 
 def table(title: str, results: dict[str, float]) -> None:
-    base = results["torch SGD foreach"]
+    base, limit = results["torch SGD foreach"], results["limit (fused two-pass)"]
     print(f"\n{title}")
-    print(f"  {'optimizer':32s} {'ms/step':>9s} {'x SGD':>7s}")
+    print(f"  {'optimizer':32s} {'ms/step':>9s} {'x limit':>8s} {'x SGD':>7s}")
     for name, ms in results.items():
-        print(f"  {name:32s} {ms:9.2f} {ms / base:7.2f}")
+        print(f"  {name:32s} {ms:9.2f} {ms / limit:8.2f} {ms / base:7.2f}")
 
 
 def sharing_line(rounds: int) -> None:
@@ -213,12 +296,13 @@ def main() -> None:
     del rows
 
     copy = copy_bandwidth(256 * 2**20, args.rounds)
-    ours = BYTES_PER_ELEMENT_32 * n / (large["cupylars LARS32bit"] * 1e-3) / 1e9
     print(f"\nmemory: multi-threaded copy {copy:.1f} GB/s (read + write, 256 MiB)")
-    print(
-        f"        cupylars LARS32bit on 10M: {ours:.1f} GB/s at {BYTES_PER_ELEMENT_32} B/element "
-        f"= {ours / copy:.0%} of the copy"
-    )
+    for name in ("limit (fused two-pass)", "cupylars LARS32bit"):
+        rate = BYTES_PER_ELEMENT_32 * n / (large[name] * 1e-3) / 1e9
+        print(
+            f"        {name} on 10M: {rate:.1f} GB/s at {BYTES_PER_ELEMENT_32} B/element "
+            f"= {rate / copy:.0%} of the copy"
+        )
     sharing_line(args.rounds)
 
 

@@ -30,7 +30,17 @@ from .state import LarsState
 if TYPE_CHECKING:
     from .batch import PreparedBatch
 
-__all__ = ["WORK_PER_THREAD", "CpuBackend", "array_address", "num_threads", "step_work", "threads_for"]
+__all__ = [
+    "DEFAULT_GROUP_BYTES",
+    "WORK_PER_THREAD",
+    "CpuBackend",
+    "array_address",
+    "cache_bytes",
+    "group_bytes",
+    "num_threads",
+    "step_work",
+    "threads_for",
+]
 
 _CODE_MAP = quantization.dynamic_map()
 _CODE_MAP_ADDRESS = _CODE_MAP.ctypes.data
@@ -82,6 +92,44 @@ def threads_for(work: int) -> int:
     return max(1, min(num_threads(), work // WORK_PER_THREAD))
 
 
+# A step runs stats -> finalize -> update per group of consecutive tensors whose p, g and m
+# fit in the cache, so that the update reads them from the cache rather than from memory
+# (docs/kernels.md, "The native CPU backend"). The budget is half the host's largest cache
+# (the rest for what the update writes and for other work), else DEFAULT_GROUP_BYTES.
+DEFAULT_GROUP_BYTES = 4 * 2**20
+_CACHE_FOLDER = "/sys/devices/system/cpu/cpu0/cache"
+
+
+def _size_bytes(text: str) -> int:
+    """A sysfs cache size ("32768K", "1M", "512") in bytes."""
+    text = text.strip().upper()
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+    return int(text.rstrip("KMG")) * scale
+
+
+def cache_bytes(folder: str = _CACHE_FOLDER) -> int | None:
+    """The size of the host's largest data (or unified) cache, from sysfs; None if unknown."""
+    sizes = []
+    try:
+        for entry in sorted(os.listdir(folder)):
+            if not entry.startswith("index"):
+                continue
+            with open(os.path.join(folder, entry, "type"), encoding="ascii") as handle:
+                kind = handle.read().strip()
+            if kind in ("Data", "Unified"):
+                with open(os.path.join(folder, entry, "size"), encoding="ascii") as handle:
+                    sizes.append(_size_bytes(handle.read()))
+    except (OSError, ValueError):
+        return None
+    return max(sizes) if sizes else None
+
+
+def group_bytes() -> int:
+    """The cache budget of one group of tensors in a native step (see DEFAULT_GROUP_BYTES)."""
+    size = cache_bytes()
+    return size // 2 if size else DEFAULT_GROUP_BYTES
+
+
 class CpuPlanKey(NamedTuple):
     """What a batch's native tables depend on besides its tensors."""
 
@@ -109,7 +157,17 @@ class CpuBackend:
 
     def __init__(self, lib: Any, reason: str) -> None:
         self._step = lib.lars_cpu_step
+        self._set_group_bytes = lib.lars_cpu_set_group_bytes
+        self._set_group_bytes(group_bytes())
         self.reason = reason
+
+    def set_group_bytes(self, nbytes: int) -> int:
+        """Sets the cache budget of a group of tensors (bytes of p, g and m; 0: the whole step
+        is one group) for the steps that follow, in this process; returns the previous one.
+        Results are bitwise the same for any budget: only the order of memory accesses changes."""
+        if nbytes < 0:
+            raise ValueError(f"group bytes must be >= 0, got {nbytes}")
+        return int(self._set_group_bytes(int(nbytes)))
 
     def __repr__(self) -> str:
         return f"<cupylars backend 'cpu': {self.reason}>"

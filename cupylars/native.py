@@ -30,7 +30,7 @@ from ._paths import kernel_dir
 __all__ = ["NativeUnavailableError", "library", "library_path"]
 
 #: Must equal lars_cpu_abi_version() in rawkernels/cpu/lars_cpu.cpp.
-ABI_VERSION = 3
+ABI_VERSION = 4
 SOURCE = Path("cpu") / "lars_cpu.cpp"
 HEADERS = ("lars_math.h",)
 FLAGS = (
@@ -130,6 +130,10 @@ def _build() -> tuple[ctypes.CDLL, Path]:
         c_ptr,  # the step's hyperparameters: a lars::StepConfig (plan.step_config), by address
         c_int,  # threads
     ]
+    lib.lars_cpu_set_group_bytes.restype = c_ll
+    lib.lars_cpu_set_group_bytes.argtypes = [c_ll]
+    lib.lars_cpu_nearest_codes.restype = None
+    lib.lars_cpu_nearest_codes.argtypes = [c_ptr, c_ptr, c_ll, c_ptr]
     return lib, target
 
 

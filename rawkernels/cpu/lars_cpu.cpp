@@ -16,24 +16,30 @@
 //             applies, and s set again from it (reads p, g, m once more);
 //   update    p and m rewritten (reads p, g, m, writes p, m: 20 B per element).
 // 32 B per element in all: the norms must cover the whole tensor before any
-// element changes, so p, g and m are read twice.
+// element changes, so p, g and m are read twice. The phases run per group of
+// consecutive tensors that fits in the cache (see "the schedule" below), so that
+// the second read comes from the cache.
 //
 // Determinism: chunks are fixed (a multiple of the 256-element 8-bit block),
 // each chunk is summed by one thread in a fixed lane order and the chunks of a
 // tensor are summed in their order, so the result does not depend on how many
 // threads run or which thread takes which chunk.
 //
-// Threads: a small pool of std::threads that sleep on a condition variable
-// between phases (no spinning while the caller's framework works); the calling
-// thread takes part. Calls from several Python threads are serialised by the
+// Threads: a small pool of std::threads, woken once per step, that sleep on a
+// condition variable between steps and while they wait for a group's finalize (no
+// spinning while the caller's framework works); the calling thread takes part. Calls from several Python threads are serialised by the
 // pool; each call brings its own scratch (partials, coefficients). A forked child gets a
 // fresh pool (pool() below).
 #define LARS_HOST_ONLY
 #include "../lars_math.h"
 
 #include <pthread.h>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
+#include <cstddef>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -150,7 +156,11 @@ inline unsigned char nearest_code(const CodeIndex& ix, float x) {
 }
 
 // nearest_code over n values; branch-free (two loads and a compare per value)
-// when one compare suffices, as it does for the dynamic map.
+// when one compare suffices, as it does for the dynamic map. (AVX2 and AVX-512 gathers of
+// the two loads, and a single-load table of base code and cut, were slower on the 2-core
+// AMD EPYC host this was measured on: see docs/benchmarks.md.) The codes equal the rule's
+// for every float32 in [-1, 1], the range of m / absmax (tests/test_cpu_schedule.py,
+// through lars_cpu_nearest_codes).
 inline void nearest_codes(const CodeIndex& ix, const float* x, int n, unsigned char* out) {
   if (ix.extra != 1) {
     for (int k = 0; k < n; ++k) out[k] = nearest_code(ix, x[k]);
@@ -160,6 +170,11 @@ inline void nearest_codes(const CodeIndex& ix, const float* x, int n, unsigned c
     const int code = ix.base[float_bits(x[k]) >> 16];  // NaN keys hold 255, and NaN > t is false
     out[k] = static_cast<unsigned char>(code + (x[k] > ix.threshold[code] ? 1 : 0));
   }
+}
+
+// book[code] * scale for n codes.
+inline void dequantize(const CodeIndex& ix, const unsigned char* codes, float scale, int n, float* out) {
+  for (int k = 0; k < n; ++k) out[k] = ix.book[codes[k]] * scale;
 }
 
 // ---- the thread pool ---------------------------------------------------------------------
@@ -256,22 +271,103 @@ Pool& pool() {
 }
 
 // ---- phase 1: the dot products of one chunk --------------------------------------------------
-// A 256-element tile at a time: converted to float32 in arrays (8-bit codes
-// dequantized with the tile's one scale), then summed into eight lanes of
-// float64 accumulators in a fixed order and combined by a fixed tree. The
-// compiler vectorises the lanes; the result is the same on every machine and
-// for every thread count. Past the end of the tensor a tile is zero-filled,
-// which adds exact zeros.
+// A 256-element tile at a time: p, g and m as float32 (read in place for float32; 16-bit
+// formats widened and 8-bit codes dequantized with the tile's one scale into arrays),
+// converted to float64 and summed into eight lanes of accumulators in a fixed order,
+// combined by a fixed tree at the end. Lane l holds the elements start + 8j + l, whatever
+// vector width the host has, so the result is the same on every machine and for every
+// thread count. Past the end of the tensor a tile is zero-filled, which adds exact zeros
+// (an accumulator starts at +0 and so is never -0).
 constexpr int kLanes = 8;
-// Eight float64 lanes as one value (GCC/Clang vector extensions): lane l always
-// holds the elements k + l, whatever vector width the host has.
-typedef double Lanes __attribute__((vector_size(kLanes * sizeof(double))));
-typedef float Lanes32 __attribute__((vector_size(kLanes * sizeof(float))));
+// The eight lanes as kParts host vectors of float64: one with 512-bit vectors, else two
+// (or four) held in registers, so no lane ever moves through memory.
+#if defined(__AVX512F__)
+constexpr int kParts = 1;
+#elif defined(__AVX__)
+constexpr int kParts = 2;
+#else
+constexpr int kParts = 4;
+#endif
+constexpr int kWidth = kLanes / kParts;  // lanes per host vector
+typedef double Lanes __attribute__((vector_size(kWidth * sizeof(double))));
+typedef float Lanes32 __attribute__((vector_size(kWidth * sizeof(float))));
 
+// float32 -> float64 is exact. One load-and-convert instruction on x86 (the generic
+// vector conversion goes through the stack there: measured, callgrind).
 inline Lanes widen(const float* x) {
-  Lanes32 v;
-  std::memcpy(&v, x, sizeof v);
-  return __builtin_convertvector(v, Lanes);
+#if defined(__AVX512F__)
+  const __m512d v = _mm512_cvtps_pd(_mm256_loadu_ps(x));
+#elif defined(__AVX__)
+  const __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(x));
+#elif defined(__SSE2__)
+  const __m128d v = _mm_cvtps_pd(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(x))));
+#else
+  Lanes32 f;
+  std::memcpy(&f, x, sizeof f);
+  const Lanes v = __builtin_convertvector(f, Lanes);
+#endif
+  Lanes out;
+  std::memcpy(&out, &v, sizeof out);
+  return out;
+}
+inline double lane_tree(const Lanes (&a)[kParts]) {  // ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))
+  double lane[kLanes];
+  std::memcpy(lane, a, sizeof lane);
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+// The six lane sums of a chunk (those a pass does not need stay zero).
+struct LaneSums {
+  Lanes gg[kParts], pp[kParts], mm[kParts], gp[kParts], gm[kParts], pm[kParts];
+};
+
+// Adds the products of n elements (a multiple of 8) of g, p (kP) and m (kM) to the lanes.
+// kPass 0: all of them; 1: g.g, p.p, g.p; 2: m.m, g.m, p.m. With fewer than 512-bit vectors
+// a tile takes passes 1 and 2 (its data is in L1), so that the accumulators and the data
+// of a pass stay in registers.
+template <bool kP, bool kM, int kPass>
+inline __attribute__((always_inline)) void add_lanes(const float* __restrict__ g, const float* __restrict__ p,
+                                                     const float* __restrict__ m, int n, LaneSums& sums) {
+  constexpr bool kGP = kPass != 2, kMM = kM && kPass != 1;
+  Lanes gg[kParts], pp[kParts], gp[kParts], mm[kParts], gm[kParts], pm[kParts];
+  for (int q = 0; q < kParts; ++q) {
+    gg[q] = sums.gg[q], pp[q] = sums.pp[q], gp[q] = sums.gp[q];
+    mm[q] = sums.mm[q], gm[q] = sums.gm[q], pm[q] = sums.pm[q];
+  }
+  for (int i = 0; i < n; i += kLanes) {
+    for (int q = 0; q < kParts; ++q) {
+      const int at = i + q * kWidth;
+      const Lanes gd = widen(g + at);
+      const Lanes pd = kP ? widen(p + at) : Lanes{};
+      if (kGP) {
+        gg[q] += gd * gd;
+        if (kP) {
+          pp[q] += pd * pd;
+          gp[q] += gd * pd;
+        }
+      }
+      if (kMM) {
+        const Lanes md = widen(m + at);
+        mm[q] += md * md;
+        gm[q] += gd * md;
+        if (kP) pm[q] += pd * md;
+      }
+    }
+  }
+  for (int q = 0; q < kParts; ++q) {
+    sums.gg[q] = gg[q], sums.pp[q] = pp[q], sums.gp[q] = gp[q];
+    sums.mm[q] = mm[q], sums.gm[q] = gm[q], sums.pm[q] = pm[q];
+  }
+}
+
+template <bool kP, bool kM>
+inline void add_tile(const float* g, const float* p, const float* m, int n, LaneSums& sums) {
+  if (kParts == 1 || !kM) {
+    add_lanes<kP, kM, 0>(g, p, m, n, sums);
+  } else {
+    add_lanes<kP, kM, 1>(g, p, m, n, sums);
+    add_lanes<kP, kM, 2>(g, p, m, n, sums);
+  }
 }
 
 template <int F, int M, bool kNeedP>
@@ -284,39 +380,36 @@ void stats_chunk(const long long* row, long long start, long long end, const Cod
   const unsigned char* __restrict__ codes = address<const unsigned char>(row, kFieldState);
   const float* __restrict__ absmax = address<const float>(row, kFieldAbsmax);
   constexpr bool kUseM = M != kNoState;
-  Lanes acc[kSums] = {};
+  LaneSums sums = {};
   alignas(64) float gv[kQBlock], pv[kQBlock], mv[kQBlock];
   for (long long tile = start; tile < end; tile += kQBlock) {
     const int count = static_cast<int>(std::min<long long>(kQBlock, end - tile));
-    for (int k = 0; k < count; ++k) gv[k] = E::load(g[tile + k]);
-    if (kNeedP)
-      for (int k = 0; k < count; ++k) pv[k] = E::load(p[tile + k]);
-    if (M == kState32)
-      for (int k = 0; k < count; ++k) mv[k] = m32[tile + k];
+    const float *gt = gv, *pt = pv, *mt = mv;
+    if (F == kF32 && count == kQBlock) {  // read in place
+      gt = reinterpret_cast<const float*>(g) + tile;
+      pt = reinterpret_cast<const float*>(p) + tile;
+    } else {
+      for (int k = 0; k < count; ++k) gv[k] = E::load(g[tile + k]);
+      if (kNeedP)
+        for (int k = 0; k < count; ++k) pv[k] = E::load(p[tile + k]);
+    }
+    if (M == kState32) {
+      if (count == kQBlock) {
+        mt = m32 + tile;
+      } else {
+        for (int k = 0; k < count; ++k) mv[k] = m32[tile + k];
+      }
+    }
     if (M == kState8) {
       const float scale = absmax[tile / kQBlock];
-      for (int k = 0; k < count; ++k) mv[k] = ix.book[codes[tile + k]] * scale;
+      dequantize(ix, codes + tile, scale, count, mv);
     }
-    for (int k = count; k < kQBlock; ++k) gv[k] = pv[k] = mv[k] = 0.0f;
-    // float32 x float32 is exact in float64: only the accumulation rounds.
-    for (int k = 0; k < kQBlock; k += kLanes) {
-      const Lanes gd = widen(gv + k), pd = widen(pv + k), md = widen(mv + k);
-      acc[kGG] += gd * gd;
-      if (kNeedP) {
-        acc[kPP] += pd * pd;
-        acc[kGP] += gd * pd;
-      }
-      if (kUseM) {
-        acc[kMM] += md * md;
-        acc[kGM] += gd * md;
-        if (kNeedP) acc[kPM] += pd * md;
-      }
-    }
+    const int n = (count + kLanes - 1) / kLanes * kLanes;  // zero-filled up to the lanes
+    for (int k = count; k < n; ++k) gv[k] = pv[k] = mv[k] = 0.0f;
+    add_tile<kNeedP, kUseM>(gt, pt, mt, n, sums);
   }
-  for (int j = 0; j < kSums; ++j) {
-    const Lanes& a = acc[j];
-    out[j] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-  }
+  out[kGG] = lane_tree(sums.gg), out[kPP] = lane_tree(sums.pp), out[kMM] = lane_tree(sums.mm);
+  out[kGP] = lane_tree(sums.gp), out[kGM] = lane_tree(sums.gm), out[kPM] = lane_tree(sums.pm);
 }
 
 // ---- phase 3: the update of one chunk ----------------------------------------------------------
@@ -344,7 +437,11 @@ void update_chunk(const long long* row, long long start, long long end, const Te
     const int count = static_cast<int>(std::min<long long>(kQBlock, end - tile));
     const float scale = absmax[tile / kQBlock];
     alignas(64) float m[kQBlock];
-    for (int k = 0; k < count; ++k) m[k] = kFirst ? 0.0f : ix.book[codes[tile + k]] * scale;
+    if (kFirst) {
+      for (int k = 0; k < count; ++k) m[k] = 0.0f;
+    } else {
+      dequantize(ix, codes + tile, scale, count, m);
+    }
     for (int k = 0; k < count; ++k) {
       const long long i = tile + k;
       p[i] = E::store(step_element<true>(cf, lam, mu, keep, kNesterov, kFirst, E::load(p[i]), E::load(g[i]), m[k]));
@@ -383,7 +480,7 @@ double exact_unorm_chunk(const long long* row, long long start, long long end, c
   const unsigned char* __restrict__ codes = address<const unsigned char>(row, kFieldState);
   const float* __restrict__ absmax = address<const float>(row, kFieldAbsmax);
   constexpr bool kMomentum = M != kNoState;
-  Lanes acc = {};
+  LaneSums sums = {};
   alignas(64) float uv[kQBlock];
   for (long long tile = start; tile < end; tile += kQBlock) {
     const int count = static_cast<int>(std::min<long long>(kQBlock, end - tile));
@@ -394,13 +491,11 @@ double exact_unorm_chunk(const long long* row, long long start, long long end, c
       if (kMomentum && !kFirst) m = M == kState8 ? ix.book[codes[i]] * scale : m32[i];
       uv[k] = update_direction<kMomentum>(cf, lam, mu, keep, kNesterov, kFirst, E::load(p[i]), E::load(g[i]), m);
     }
-    for (int k = count; k < kQBlock; ++k) uv[k] = 0.0f;
-    for (int k = 0; k < kQBlock; k += kLanes) {
-      const Lanes ud = widen(uv + k);
-      acc += ud * ud;
-    }
+    const int n = (count + kLanes - 1) / kLanes * kLanes;  // zero-filled up to the lanes
+    for (int k = count; k < n; ++k) uv[k] = 0.0f;
+    add_tile<false, false>(uv, nullptr, nullptr, n, sums);
   }
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  return lane_tree(sums.gg);
 }
 
 // ---- dispatch on (format, state mode) ----------------------------------------------------------
@@ -505,10 +600,85 @@ CodeIndex& code_index(const float* map) {
   return *ix;
 }
 
+
+// ---- the schedule: groups of consecutive tensors that fit in the cache ---------------------------
+// The norms must cover a whole tensor before any of its elements changes, so p, g and m
+// are read twice. Run over all tensors at once, the phases read every byte from memory
+// twice (ResNet-50: ~300 MB each time). Run per group of consecutive tensors whose p, g and
+// m fit in the cache, the update reads what the stats phase of the same group just brought
+// in: stats -> finalize -> (exact norms) -> update, group after group. A tensor larger than
+// the budget is a group of its own; its update runs from its last chunk back, so the part
+// the stats phase left in the cache is read first. The chunks, their lane sums and the
+// per-tensor sums in chunk order are those of one big group, so the result is bitwise the
+// same for any budget and any thread count (tests/test_cpu_schedule.py).
+constexpr long long kDefaultGroupBytes = 4LL << 20;  // when the caller has not said (native.py does)
+std::atomic<long long> group_bytes{kDefaultGroupBytes};
+
+// Bytes per element the stats and update phases read: p and g in their format, m as stored.
+inline long long element_bytes(int kind) {
+  const int format = kind / 3, mode = kind % 3;
+  return 2 * (format == kF32 ? 4 : 2) + (mode == kState32 ? 4 : mode == kState8 ? 1 : 0);
+}
+
+struct Group {
+  int first, end;                     // tensor rows [first, end)
+  long long first_block, end_block;  // their chunks (consecutive in the block table)
+};
+
+std::vector<Group> make_groups(const long long* tensors, int num_tensors, long long budget) {
+  std::vector<Group> groups;
+  long long bytes = 0;
+  for (int t = 0; t < num_tensors; ++t) {
+    const long long* row = tensors + static_cast<long long>(t) * kTensorFields;
+    const long long size = row[kFieldSize] * element_bytes(static_cast<int>(row[kFieldKind]));
+    const long long end_block = row[kFieldFirstBlock] + row[kFieldNumBlocks];
+    if (groups.empty() || bytes + size > budget) {
+      groups.push_back(Group{t, t + 1, row[kFieldFirstBlock], end_block});
+      bytes = size;
+    } else {
+      groups.back().end = t + 1;
+      groups.back().end_block = end_block;
+      bytes += size;
+    }
+  }
+  return groups;
+}
+
+// Where a group stands. Threads claim its chunks by counters; the thread that completes
+// the last stats chunk finalizes the group (and the last exact chunk's thread sets the
+// exact norms); the others sleep on a condition variable meanwhile (nothing spins).
+enum GroupStage : int { kStageStats = 0, kStageExact = 1, kStageReady = 2 };
+struct GroupRun {
+  std::atomic<long long> stats_next{0}, stats_done{0}, exact_next{0}, exact_done{0}, update_next{0};
+  std::atomic<int> stage{kStageStats};
+  std::vector<long long> exact_blocks;  // chunks of the group's flagged tensors, in order
+  std::vector<double> chunk_uu;
+};
+
+class StageSignal {
+ public:
+  void publish(std::atomic<int>& stage, int value) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stage.store(value, std::memory_order_release);
+    }
+    changed_.notify_all();
+  }
+  void wait(const std::atomic<int>& stage, int value) {
+    if (stage.load(std::memory_order_acquire) >= value) return;
+    std::unique_lock<std::mutex> lock(mutex_);
+    changed_.wait(lock, [&] { return stage.load(std::memory_order_acquire) >= value; });
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable changed_;
+};
+
 }  // namespace lars_cpu
 
 // Version of the C interface below; cupylars/native.py checks it after loading.
-LARS_EXPORT int lars_cpu_abi_version() { return 3; }
+LARS_EXPORT int lars_cpu_abi_version() { return 4; }
 
 // One LARS step over the tensors of `tensors` (num_tensors rows, lars_math.h)
 // and their chunks (`blocks`, num_blocks entries). `partials` holds kSums
@@ -542,70 +712,144 @@ LARS_EXPORT int lars_cpu_step(const long long* tensors, int num_tensors, const l
     return row;
   };
 
-  workers.parallel_for(num_blocks, threads, false, [&](long long b) {
+  TensorCoef* coef = reinterpret_cast<TensorCoef*>(coefs);
+
+  // "raise" must see every gradient before anything changes: one group.
+  const long long budget = policy == kPolicyRaise ? -1 : group_bytes.load(std::memory_order_relaxed);
+  const std::vector<Group> groups =
+      budget > 0 ? make_groups(tensors, num_tensors, budget)
+                 : std::vector<Group>{Group{0, num_tensors, 0, num_blocks}};
+  std::vector<GroupRun> runs(groups.size());
+  std::vector<double> totals(static_cast<size_t>(num_tensors) * kSums, 0.0);
+  std::atomic<bool> failed{false};
+  StageSignal signal;
+
+  auto stats_block = [&](long long b) {
     long long start, end;
     const long long* row = row_of(b, &start, &end);
     const int kind = static_cast<int>(row[kFieldKind]);
     const int mode = stats_m ? kind % 3 : kNoState;
     stats_fn(kind - kind % 3 + mode, need_p != 0)(row, start, end, ix, partials + b * kSums);
-  });
+  };
 
-  // Totals in chunk order: the same sums whatever the thread count.
-  std::vector<double> totals(static_cast<size_t>(num_tensors) * kSums, 0.0);
-  for (int t = 0; t < num_tensors; ++t) {
-    const long long* row = tensors + static_cast<long long>(t) * kTensorFields;
-    double* sum = &totals[static_cast<size_t>(t) * kSums];
-    for (long long k = 0; k < row[kFieldNumBlocks]; ++k)
-      for (int j = 0; j < kSums; ++j) sum[j] += partials[(row[kFieldFirstBlock] + k) * kSums + j];
-    if (policy == kPolicyRaise && !std::isfinite(sum[kGG])) return 1;
-  }
+  // Run by the thread that completes a group's last stats chunk.
+  auto finalize_group = [&](const Group& group, GroupRun& run) {
+    // Totals in chunk order: the same sums whatever the thread count or the groups.
+    for (int t = group.first; t < group.end; ++t) {
+      const long long* row = tensors + static_cast<long long>(t) * kTensorFields;
+      double* sum = &totals[static_cast<size_t>(t) * kSums];
+      for (long long k = 0; k < row[kFieldNumBlocks]; ++k)
+        for (int j = 0; j < kSums; ++j) sum[j] += partials[(row[kFieldFirstBlock] + k) * kSums + j];
+      if (policy == kPolicyRaise && !std::isfinite(sum[kGG])) {
+        failed.store(true, std::memory_order_relaxed);
+        signal.publish(run.stage, kStageReady);
+        return;
+      }
+    }
+    for (int t = group.first; t < group.end; ++t)
+      coef[t] = finalize_tensor(tensors + static_cast<long long>(t) * kTensorFields,
+                                &totals[static_cast<size_t>(t) * kSums], config);
+    // Tensors whose ||u|| the dot products cannot resolve (lars_math.h, unorm_needs_exact_norm):
+    // ||u||^2 summed again over their chunks from the u the update applies, in chunk order.
+    for (int t = group.first; t < group.end; ++t) {
+      if (!(coef[t].flags & kCoefExactNorm)) continue;
+      const long long* row = tensors + static_cast<long long>(t) * kTensorFields;
+      for (long long k = 0; k < row[kFieldNumBlocks]; ++k) run.exact_blocks.push_back(row[kFieldFirstBlock] + k);
+    }
+    run.chunk_uu.resize(run.exact_blocks.size());
+    signal.publish(run.stage, run.exact_blocks.empty() ? kStageReady : kStageExact);
+  };
 
-  TensorCoef* coef = reinterpret_cast<TensorCoef*>(coefs);
-  for (int t = 0; t < num_tensors; ++t)
-    coef[t] = finalize_tensor(tensors + static_cast<long long>(t) * kTensorFields,
-                              &totals[static_cast<size_t>(t) * kSums], config);
+  auto exact_block = [&](GroupRun& run, long long i) {
+    const long long b = run.exact_blocks[static_cast<size_t>(i)];
+    long long start, end;
+    const long long* row = row_of(b, &start, &end);
+    const TensorCoef& cf = coef[block_tensor(blocks[b])];
+    const int kind = static_cast<int>(row[kFieldKind]);
+    const int mode = uses_m ? kind % 3 : kNoState;
+    run.chunk_uu[static_cast<size_t>(i)] = exact_fn(kind - kind % 3 + mode, (cf.flags & kCoefFirst) != 0,
+                                                    nesterov)(row, start, end, cf, lam, mu, keep, ix);
+  };
 
-  // Tensors whose ||u|| the dot products cannot resolve (lars_math.h, unorm_needs_exact_norm):
-  // ||u||^2 summed again over their chunks from the u the update applies, in chunk order,
-  // and s set from it. Nothing runs when no tensor is flagged.
-  std::vector<long long> exact_blocks;
-  for (int t = 0; t < num_tensors; ++t) {
-    if (!(coef[t].flags & kCoefExactNorm)) continue;
-    const long long* row = tensors + static_cast<long long>(t) * kTensorFields;
-    for (long long k = 0; k < row[kFieldNumBlocks]; ++k) exact_blocks.push_back(row[kFieldFirstBlock] + k);
-  }
-  if (!exact_blocks.empty()) {
-    std::vector<double> chunk_uu(exact_blocks.size());
-    workers.parallel_for(static_cast<long long>(exact_blocks.size()), threads, false, [&](long long i) {
-      long long start, end;
-      const long long* row = row_of(exact_blocks[static_cast<size_t>(i)], &start, &end);
-      const TensorCoef& cf = coef[block_tensor(blocks[exact_blocks[static_cast<size_t>(i)]])];
-      const int kind = static_cast<int>(row[kFieldKind]);
-      const int mode = uses_m ? kind % 3 : kNoState;
-      chunk_uu[static_cast<size_t>(i)] = exact_fn(kind - kind % 3 + mode, (cf.flags & kCoefFirst) != 0,
-                                                  nesterov)(row, start, end, cf, lam, mu, keep, ix);
-    });
+  // Run by the thread that completes a group's last exact chunk: s from ||u||, per tensor.
+  auto finish_exact = [&](const Group& group, GroupRun& run) {
     size_t next = 0;  // exact_blocks lists each flagged tensor's chunks together, in order
-    for (int t = 0; t < num_tensors; ++t) {
+    for (int t = group.first; t < group.end; ++t) {
       if (!(coef[t].flags & kCoefExactNorm)) continue;
       const long long chunks = tensors[static_cast<long long>(t) * kTensorFields + kFieldNumBlocks];
       double uu = 0.0;
-      for (long long k = 0; k < chunks; ++k) uu += chunk_uu[next++];
+      for (long long k = 0; k < chunks; ++k) uu += run.chunk_uu[next++];
       exact_unorm_coef(coef[t], uu, max_unorm);
     }
-  }
+    signal.publish(run.stage, kStageReady);
+  };
 
-  // Last chunks first: the stats phase ended there, so their data may still be in cache.
-  workers.parallel_for(num_blocks, threads, true, [&](long long b) {
+  auto update_block = [&](long long b) {
     long long start, end;
     const long long* row = row_of(b, &start, &end);
-    const int t = block_tensor(blocks[b]);
-    const TensorCoef& cf = coef[t];
+    const TensorCoef& cf = coef[block_tensor(blocks[b])];
     if (cf.flags & kCoefSkip) return;
     const int kind = static_cast<int>(row[kFieldKind]);
     const int mode = uses_m ? kind % 3 : kNoState;
     update_fn(kind - kind % 3 + mode, (cf.flags & kCoefFirst) != 0, nesterov)(row, start, end, cf, lam, mu,
                                                                                keep, ix);
-  });
-  return 0;
+  };
+
+  // Claims one stats chunk of group k and runs it (finalizing the group after its last
+  // chunk); false when all its chunks are claimed.
+  auto stats_one = [&](size_t k) {
+    const Group& group = groups[k];
+    GroupRun& run = runs[k];
+    const long long count = group.end_block - group.first_block;
+    const long long i = run.stats_next.fetch_add(1, std::memory_order_relaxed);
+    if (i >= count) return false;
+    stats_block(group.first_block + i);
+    if (run.stats_done.fetch_add(1, std::memory_order_acq_rel) + 1 == count) finalize_group(group, run);
+    return true;
+  };
+
+  // Every thread walks the groups in order, claiming chunks. A thread that finds a group's
+  // stats chunks all claimed but the group not yet finalized (another thread is on its last
+  // chunks, or finalizing) takes stats chunks of the next group meanwhile, and sleeps only
+  // when there are none: a thread that is descheduled holds up the others for at most the
+  // chunk it holds.
+  auto walk = [&] {
+    for (size_t k = 0; k < groups.size(); ++k) {
+      const Group& group = groups[k];
+      GroupRun& run = runs[k];
+      const long long count = group.end_block - group.first_block;
+      while (stats_one(k)) {
+      }
+      while (run.stage.load(std::memory_order_acquire) < kStageExact && k + 1 < groups.size() && stats_one(k + 1)) {
+      }
+      signal.wait(run.stage, kStageExact);
+      if (failed.load(std::memory_order_relaxed)) return;
+      const long long exact = static_cast<long long>(run.exact_blocks.size());
+      for (long long i; (i = run.exact_next.fetch_add(1, std::memory_order_relaxed)) < exact;) {
+        exact_block(run, i);
+        if (run.exact_done.fetch_add(1, std::memory_order_acq_rel) + 1 == exact) finish_exact(group, run);
+      }
+      signal.wait(run.stage, kStageReady);
+      // Last chunks first: the stats phase ended there, so their data is the likeliest in cache.
+      for (long long i; (i = run.update_next.fetch_add(1, std::memory_order_relaxed)) < count;)
+        update_block(group.end_block - 1 - i);
+    }
+  };
+  workers.parallel_for(threads, threads, false, [&](long long) { walk(); });
+  return failed.load() ? 1 : 0;
 }
+
+// The 8-bit codes of n values of x (code_map: the dynamic map) as the update computes them,
+// tests/test_cpu_schedule.py checks them.
+LARS_EXPORT void lars_cpu_nearest_codes(const float* code_map, const float* x, long long n, unsigned char* out) {
+  const lars_cpu::CodeIndex& ix = lars_cpu::code_index(code_map);
+  for (long long at = 0; at < n; at += 1 << 20)
+    lars_cpu::nearest_codes(ix, x + at, static_cast<int>(std::min<long long>(1 << 20, n - at)), out + at);
+}
+
+// The cache budget of a group of tensors (bytes of p, g and m); <= 0: one group. Returns
+// the previous budget. cupylars/cpu.py sets it from the host's cache size.
+LARS_EXPORT long long lars_cpu_set_group_bytes(long long bytes) {
+  return lars_cpu::group_bytes.exchange(bytes);
+}
+
