@@ -7,7 +7,10 @@ each round times one step of every row, so a change in the machine's load
 hits all rows alike. Printed: the median milliseconds per step over the rounds
 and the ratio to ``torch.optim.SGD(foreach=True)`` on the same tensors, for
 ResNet-50's 161 parameter tensors (25.6M elements) and for one 10M-element
-tensor, at the machine's default thread count (torch's).
+tensor, at the machine's default thread count (torch's). Then three small
+models (10 tensors of 1,000 elements, the demo's CNN, 161 tensors of 256), in
+microseconds per step (100 steps per timed sample), where what counts is a
+step's fixed cost: thread wake-ups and the adapter's Python.
 
 Rows:
 
@@ -21,8 +24,8 @@ Rows:
 * ``cupylars LARS32bit`` / ``LARS8bit``: the torch adapter over the native CPU
   backend (``max_unorm`` 0.02, as bitsandbytes' default);
 * ``bitsandbytes PytorchLARS`` (torch eager) and ``LARS32bit`` / ``LARS8bit``
-  (its CPU backend), when bitsandbytes is installed (``pip install
-  "cupylars[bench]"``);
+  (its CPU backend), when bitsandbytes is installed (the ``test`` extra
+  installs it: ``make test`` sets it up);
 * ``foreach LARS (timm-style)``: the classic trust-ratio LARS over
   ``torch._foreach_*`` ops, written here because timm needs torchvision.
 
@@ -202,8 +205,11 @@ def make_rows(shapes: list[tuple[int, ...]]) -> dict[str, torch.optim.Optimizer 
     return rows
 
 
-def interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: int = 2) -> dict[str, float]:
-    """Median milliseconds per call of each step, the steps taking turns round by round.
+def interleaved(
+    steps: dict[str, Callable[[], None]], rounds: int, warmup: int = 2, calls: int = 1
+) -> dict[str, float]:
+    """Median milliseconds per call of each step, the steps taking turns round by round
+    (``calls`` calls per timed sample: small steps last microseconds).
 
     Each round runs the steps in a new order (fixed seed): a row that leaves work behind
     (OpenMP threads that spin for a while after a parallel region, torch's and the limit
@@ -219,9 +225,22 @@ def interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: int =
         for name in order:
             step = steps[name]
             start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(calls):
+                step()
+            times[name].append((time.perf_counter() - start) / calls)
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def small_models() -> dict[str, list[tuple[int, ...]]]:
+    """Small models, where a step's fixed costs (thread wake-ups, the adapter's Python)
+    dwarf its arithmetic: what research prototyping on a laptop CPU runs."""
+    from cupylars.demo import make_model
+
+    return {
+        "10 tensors x 1,000": [(1000,)] * 10,
+        "the demo's CNN": [tuple(p.shape) for p in make_model().parameters()],
+        "161 tensors x 256": [(256,)] * 161,
+    }
 
 
 def copy_bandwidth(nbytes: int, rounds: int) -> float:
@@ -294,6 +313,18 @@ def main() -> None:
     large = interleaved({name: opt.step for name, opt in rows.items()}, args.rounds)
     table("one 10M tensor", large)
     del rows
+
+    for title, small in small_models().items():
+        rows = make_rows(small)
+        rows.pop("limit (fused two-pass)")  # a yardstick for memory-bound steps only
+        results = interleaved({name: opt.step for name, opt in rows.items()}, args.rounds, calls=100)
+        base = results["torch SGD foreach"]
+        size = sum(torch.Size(s).numel() for s in small)
+        print(f"\nsmall model: {title} ({len(small)} tensors, {size:,} elements)")
+        print(f"  {'optimizer':32s} {'us/step':>9s} {'x SGD':>7s}")
+        for name, ms in results.items():
+            print(f"  {name:32s} {1e3 * ms:9.1f} {ms / base:7.2f}")
+        del rows
 
     copy = copy_bandwidth(256 * 2**20, args.rounds)
     print(f"\nmemory: multi-threaded copy {copy:.1f} GB/s (read + write, 256 MiB)")
