@@ -134,6 +134,8 @@ def _build() -> tuple[ctypes.CDLL, Path]:
     lib.lars_cpu_set_group_bytes.argtypes = [c_ll]
     lib.lars_cpu_nearest_codes.restype = None
     lib.lars_cpu_nearest_codes.argtypes = [c_ptr, c_ptr, c_ll, c_ptr]
+    lib.lars_cpu_dequantize.restype = None
+    lib.lars_cpu_dequantize.argtypes = [c_ptr, c_ptr, c_ptr, c_ll, c_ptr]
     return lib, target
 
 

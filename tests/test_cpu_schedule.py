@@ -4,11 +4,12 @@ and any thread count give the same bits as one group over the whole step."""
 
 from __future__ import annotations
 
+import native_builds
 import numpy as np
 import pytest
 from lars_cases import random_grad, random_problem
 
-from cupylars import cpu, native, plan, quantization
+from cupylars import cpu, plan, quantization
 from cupylars import functional as F
 from cupylars.testing import native_cpu
 
@@ -154,8 +155,15 @@ def test_a_negative_budget_is_refused(backend):
 
 
 # ---- the 8-bit codes of the update -----------------------------------------------------------
-def _native_codes(x: np.ndarray) -> np.ndarray:
-    lib = native.library()
+# Each check runs on the host's build and on builds without AVX-512 VBMI and without AVX-512
+# (tests/native_builds.py): the codec has a path for each.
+@pytest.fixture(params=list(native_builds.BUILDS))
+def build(request):
+    native_builds.skip_unless_buildable(request.param)
+    return native_builds.library(request.param)
+
+
+def _native_codes(lib, x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty(x.size, dtype=np.uint8)
     book = quantization.dynamic_map()
@@ -163,7 +171,7 @@ def _native_codes(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def test_codes_equal_the_rule_for_every_float32_in_minus_one_to_one():
+def test_codes_equal_the_rule_for_every_float32_in_minus_one_to_one(build):
     """Every float32 in [-1, 1] (x = m / absmax lies there), in ascending order: the codes
     start at the rule's code of -1 and step up by one exactly after each threshold (the
     largest float of each code), as quantization's rule has them (test_quantization_thresholds)."""
@@ -177,7 +185,7 @@ def test_codes_equal_the_rule_for_every_float32_in_minus_one_to_one():
         end = min(hi, start + span)
         ordered = np.arange(start, end, dtype=np.int32)
         x = np.where(ordered >= 0, ordered, np.negative(ordered) | sign).view(np.float32)
-        codes = _native_codes(x)
+        codes = _native_codes(build, x)
         first = int(np.searchsorted(t, x[0], side="left"))
         assert codes[0] == first, (start, x[0])
         steps = np.flatnonzero(codes[1:] != codes[:-1]) + 1
@@ -186,17 +194,32 @@ def test_codes_equal_the_rule_for_every_float32_in_minus_one_to_one():
         assert np.all(codes[steps] == codes[steps - 1] + 1)
 
 
-def test_codes_equal_the_rule_beyond_one_and_for_specials():
-    """A sweep over all bit patterns (every exponent, both signs, NaNs, infinities), -0.0,
-    and the lengths around the vector width (the scalar tail)."""
+def test_codes_equal_the_rule_beyond_one_and_for_specials(build):
+    """A sweep over all bit patterns (every exponent, both signs, NaNs of both signs,
+    infinities), -0.0, and every length up to two 8-bit blocks (the vector paths' tails)."""
     bits = np.arange(0, 2**32, 4099, dtype=np.uint64).astype(np.uint32)
-    specials = np.array([0.0, -0.0, np.inf, np.nan, -np.nan, 1e-45, -1e-45], dtype=np.float32)
-    x = bits.view(np.float32)
-    # x = m / absmax is never -inf (|m| <= absmax, or NaN): the table codes it as its key's
-    # NaNs (255), the rule as 0. Left out.
-    x = np.concatenate([x[x != -np.inf], specials])
+    specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 1e-45, -1e-45], dtype=np.float32)
+    x = np.concatenate([bits.view(np.float32), specials])
     with np.errstate(invalid="ignore"):
         want = quantization._nearest_code(np, x)
-    np.testing.assert_array_equal(_native_codes(x), want)
-    for n in range(1, 40):
-        np.testing.assert_array_equal(_native_codes(x[-n - 100 : -100]), want[-n - 100 : -100])
+    np.testing.assert_array_equal(_native_codes(build, x), want)
+    rng = np.random.default_rng(3)
+    for n in range(1, 513):
+        at = int(rng.integers(0, x.size - n))
+        got = _native_codes(build, x[at : at + n])
+        np.testing.assert_array_equal(got, want[at : at + n], err_msg=f"n={n}")
+
+
+def test_dequantized_codes_are_the_book_times_the_block_absmax(build):
+    """Every code, in blocks of 256 with their own absmax (zero, subnormal, NaN, infinite and
+    ordinary), and every length up to two blocks: book[code] * absmax in float32."""
+    rng = np.random.default_rng(4)
+    book = quantization.dynamic_map()
+    codes = np.concatenate([np.arange(256, dtype=np.uint8), rng.integers(0, 256, 256 * 7, dtype=np.uint8)])
+    absmax = np.array([1.0, 0.0, 1e-40, np.nan, np.inf, 3.5, 1e30, 0.01], dtype=np.float32)
+    with np.errstate(invalid="ignore"):  # inf * 0 (code 127) is NaN, as in the step
+        want = book[codes] * np.repeat(absmax, 256)
+    for n in [*range(1, 513), codes.size]:
+        out = np.full(n, -7.0, dtype=np.float32)
+        build.lars_cpu_dequantize(book.ctypes.data, codes.ctypes.data, absmax.ctypes.data, n, out.ctypes.data)
+        np.testing.assert_array_equal(out.view(np.uint32), want[:n].view(np.uint32), err_msg=f"n={n}")

@@ -17,6 +17,7 @@ import importlib.util
 import re
 import zlib
 
+import native_builds
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -54,11 +55,14 @@ def emulated_cuda_f32_partials():
 
 
 # Every test but the launcher's runs on each: the float64 stats pass (sm_80, sm_90), the
-# float32-partials one, and the native CPU backend.
+# float32-partials one, and the native CPU backend as built for this host and without
+# AVX-512 VBMI and AVX-512 (its other vector paths: tests/native_builds.py).
 KERNEL_BACKENDS = {
     "emulated-cuda": emulated_cuda,
     "emulated-cuda-f32-partials": emulated_cuda_f32_partials,
     "cpu": native_cpu,
+    "cpu-no-avx512vbmi": lambda: native_builds.use("no-avx512vbmi"),
+    "cpu-no-avx512": lambda: native_builds.use("no-avx512"),
 }
 _current = ["emulated-cuda"]
 cuda_launcher = pytest.mark.cuda_launcher  # a test of the CUDA launcher: emulator only
@@ -69,6 +73,8 @@ def kernel_backend(request):
     """Every test runs on each kernel backend (``kernels()`` enters the current one)."""
     if request.param != "emulated-cuda" and request.node.get_closest_marker("cuda_launcher"):
         pytest.skip("tests the CUDA launcher: run on the default emulated build only")
+    if request.param.startswith("cpu-"):
+        native_builds.skip_unless_buildable(request.param[len("cpu-") :])
     _current[0] = request.param
     yield request.param
     _current[0] = "emulated-cuda"

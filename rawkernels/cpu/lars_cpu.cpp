@@ -27,9 +27,10 @@
 //
 // Threads: a small pool of std::threads, woken once per step, that sleep on a
 // condition variable between steps and while they wait for a group's finalize (no
-// spinning while the caller's framework works); the calling thread takes part. Calls from several Python threads are serialised by the
-// pool; each call brings its own scratch (partials, coefficients). A forked child gets a
-// fresh pool (pool() below).
+// spinning while the caller's framework works); the calling thread takes part. Each
+// thread walks its own contiguous range of a group's chunks, then helps with the others'.
+// Calls from several Python threads are serialised by the pool; each call brings its own
+// scratch (partials, coefficients). A forked child gets a fresh pool (pool() below).
 #define LARS_HOST_ONLY
 #include "../lars_math.h"
 
@@ -91,17 +92,32 @@ inline T* address(const long long* row, int field) {
 // function of x: code(x) is the number of thresholds T[i] below x, T[i] being
 // the largest float whose code is i. The thresholds are found once, from the
 // rule itself, by bisection over the floats of each bracket. The top 16 bits
-// of a float32 (sign, exponent, 7 mantissa bits) order the floats of one sign,
-// so a table keyed by them gives the code of the key's smallest value, and at
-// most `extra` thresholds lie inside one key's range: that many compares reach
-// the exact code. The codes are those of the reference and of the GPU's tree
-// search, in two loads and a compare per element.
+// of a float32 (sign, exponent, 7 mantissa bits) order the floats of one sign:
+// a key. Magnitude keys below the smallest threshold's or above the largest one's
+// hold no threshold, so they are clamped to those two (the dynamic map: 2,817 keys a
+// sign, a 6 KiB table that stays in L1), and a table by clamped key gives the code of
+// its smallest value. At most `extra` thresholds lie inside one key's range (computed
+// here, one for the dynamic map): that many compares reach the exact code. The codes
+// are those of the reference and of the GPU's tree search, in two loads and a compare
+// per element.
 struct CodeIndex {
-  float book[256];
-  float threshold[256];  // threshold[i]: the largest x with code i (threshold[255] = +inf)
-  unsigned char base[65536];  // the code of each key's smallest value (64 KiB: stays in L2)
+  alignas(64) float book[256];
+  alignas(64) float threshold[256];  // threshold[i]: the largest x with code i (threshold[255] = +inf)
+  // book and threshold as four planes of bytes (plane q: byte q of each float), for
+  // the 64-at-a-time lookups of ByteTable.
+  alignas(64) unsigned char book_bytes[4][256];
+  alignas(64) unsigned char threshold_bytes[4][256];
+  int key_lo, key_hi, span;           // magnitude keys are clamped to [key_lo, key_hi]
+  unsigned char base[2 * 32768];      // by table_index: the code of the clamped key's smallest value
   int extra;
 };
+
+// The base entry of x: sign * span + (clamped magnitude key - key_lo). NaN is not
+// ordered: callers code it as 255 before or after.
+inline int table_index(const CodeIndex& ix, unsigned bits) {
+  const int key = static_cast<int>((bits >> 16) & 0x7fffu);
+  return (bits >> 31 ? ix.span : 0) + std::min(std::max(key, ix.key_lo), ix.key_hi) - ix.key_lo;
+}
 
 inline int code_by_search(const float* book, float x) {  // the rule, by brute force
   if (x != x || x >= book[255]) return 255;
@@ -132,49 +148,187 @@ void build_index(CodeIndex& ix, const float* map) {
     ix.threshold[i] = from_ordered(lo);
   }
   ix.threshold[255] = bits_float(0x7f800000u);  // +inf: nothing lies above code 255
-  ix.extra = 0;
-  for (unsigned key = 0; key < 65536; ++key) {
-    // The key's floats run from `a` to `b` by value (negative keys count down).
-    const bool negative = key & 0x8000u;
-    const float first = bits_float(key << 16), last = bits_float((key << 16) | 0xffffu);
-    const float a = negative ? last : first, b = negative ? first : last;
-    if (a != a || b != b) {  // NaN keys never reach the table
-      ix.base[key] = 255;  // NaN > threshold[255] is false: NaN codes as 255
-      continue;
+  for (int i = 0; i < 256; ++i)
+    for (int q = 0; q < 4; ++q) {
+      ix.book_bytes[q][i] = static_cast<unsigned char>(float_bits(ix.book[i]) >> (8 * q));
+      ix.threshold_bytes[q][i] = static_cast<unsigned char>(float_bits(ix.threshold[i]) >> (8 * q));
     }
-    const int code_a = code_by_search(ix.book, a), code_b = code_by_search(ix.book, b);
-    ix.base[key] = static_cast<unsigned char>(code_a);
-    ix.extra = std::max(ix.extra, code_b - code_a);
+  // The magnitude keys that hold thresholds (NaN thresholds, of a map with NaNs, hold none).
+  ix.key_lo = 0x7f7f, ix.key_hi = 0;
+  for (int i = 0; i < 255; ++i) {
+    if (ix.threshold[i] != ix.threshold[i]) continue;
+    const int key = static_cast<int>((float_bits(ix.threshold[i]) >> 16) & 0x7fffu);
+    ix.key_lo = std::min(ix.key_lo, key), ix.key_hi = std::max(ix.key_hi, key + 1);
   }
+  ix.key_hi = std::min(std::max(ix.key_hi, ix.key_lo), 0x7f7f);  // +inf and NaN keys clamp below
+  ix.span = ix.key_hi - ix.key_lo + 1;
+  ix.extra = 0;
+  for (int sign = 0; sign < 2; ++sign)
+    for (int c = 0; c < ix.span; ++c) {
+      // The magnitudes of entry c: from the first float of its key (0 for the lowest) to the
+      // last of its key (+inf for the highest); negative entries count down.
+      const int key = ix.key_lo + c;
+      const float small = c == 0 ? 0.0f : bits_float(static_cast<unsigned>(key) << 16);
+      const float large = c == ix.span - 1 ? bits_float(0x7f800000u) : bits_float((static_cast<unsigned>(key) << 16) | 0xffffu);
+      const float a = sign ? -large : small, b = sign ? -small : large;
+      const int code_a = code_by_search(ix.book, a), code_b = code_by_search(ix.book, b);
+      ix.base[sign * ix.span + c] = static_cast<unsigned char>(code_a);
+      ix.extra = std::max(ix.extra, code_b - code_a);
+    }
 }
 
 inline unsigned char nearest_code(const CodeIndex& ix, float x) {
   if (x != x) return 255;  // NaN sorts after every value (numpy's searchsorted)
-  int code = ix.base[float_bits(x) >> 16];
+  int code = ix.base[table_index(ix, float_bits(x))];
   for (int k = 0; k < ix.extra; ++k) code += x > ix.threshold[code] ? 1 : 0;
   return static_cast<unsigned char>(code);
 }
 
-// nearest_code over n values; branch-free (two loads and a compare per value)
-// when one compare suffices, as it does for the dynamic map. (AVX2 and AVX-512 gathers of
-// the two loads, and a single-load table of base code and cut, were slower on the 2-core
-// AMD EPYC host this was measured on: see docs/benchmarks.md.) The codes equal the rule's
-// for every float32 in [-1, 1], the range of m / absmax (tests/test_cpu_schedule.py,
-// through lars_cpu_nearest_codes).
+// ---- table lookups in registers -----------------------------------------------------------
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
+#define LARS_VBMI 1
+#else
+#define LARS_VBMI 0
+#endif
+// The codec's lookups (book[code], threshold[code]) as vector permutes rather than loads:
+// gathers were slower than scalar loads on the AMD Zen 4 host this was measured on.
+#if LARS_VBMI
+// 64 lookups in a 256-entry float table, one byte plane at a time (vpermi2b takes 128
+// entries per instruction, bit 7 of the code picks the half), the four planes then
+// interleaved into floats. The interleave works within 128-bit lanes, so the codes are
+// first put in the order that makes the floats come out in element order.
+struct ByteTable {
+  __m512i plane[4][4];
+  explicit ByteTable(const unsigned char (&bytes)[4][256]) {
+    for (int q = 0; q < 4; ++q)
+      for (int r = 0; r < 4; ++r) plane[q][r] = _mm512_load_si512(bytes[q] + 64 * r);
+  }
+  // out[j] holds the floats of elements 16 j .. 16 j + 15, as bits.
+  void at(__m512i codes, __m512i (&out)[4]) const {
+    // Byte 16 L + 4 j + s (128-bit lane L) ends up as float s of lane L of out[j]: element 16 j + 4 L + s.
+    const __m512i order = _mm512_set_epi8(63, 62, 61, 60, 47, 46, 45, 44, 31, 30, 29, 28, 15, 14, 13, 12,  //
+                                          59, 58, 57, 56, 43, 42, 41, 40, 27, 26, 25, 24, 11, 10, 9, 8,    //
+                                          55, 54, 53, 52, 39, 38, 37, 36, 23, 22, 21, 20, 7, 6, 5, 4,      //
+                                          51, 50, 49, 48, 35, 34, 33, 32, 19, 18, 17, 16, 3, 2, 1, 0);
+    const __m512i c = _mm512_permutexvar_epi8(order, codes);
+    const __mmask64 upper = _mm512_movepi8_mask(c);
+    __m512i b[4];
+    for (int q = 0; q < 4; ++q)
+      b[q] = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(plane[q][0], c, plane[q][1]),
+                                    _mm512_permutex2var_epi8(plane[q][2], c, plane[q][3]));
+    const __m512i lo01 = _mm512_unpacklo_epi8(b[0], b[1]), hi01 = _mm512_unpackhi_epi8(b[0], b[1]);
+    const __m512i lo23 = _mm512_unpacklo_epi8(b[2], b[3]), hi23 = _mm512_unpackhi_epi8(b[2], b[3]);
+    out[0] = _mm512_unpacklo_epi16(lo01, lo23);
+    out[1] = _mm512_unpackhi_epi16(lo01, lo23);
+    out[2] = _mm512_unpacklo_epi16(hi01, hi23);
+    out[3] = _mm512_unpackhi_epi16(hi01, hi23);
+  }
+};
+#endif
+#if defined(__AVX512F__)
+// 16 lookups in a 256-entry float table held in 16 registers: eight vpermt2ps (32 entries
+// each) and blends on bits 5, 6 and 7 of the code.
+struct FloatTable {
+  __m512 reg[16];
+  explicit FloatTable(const float* t) {
+    for (int r = 0; r < 16; ++r) reg[r] = _mm512_load_ps(t + 16 * r);
+  }
+  template <int kFrom = 0, int kCount = 16>
+  __m512 at(__m512i i) const {
+    if constexpr (kCount == 2) {
+      return _mm512_permutex2var_ps(reg[kFrom], i, reg[kFrom + 1]);
+    } else {
+      const __mmask16 upper = _mm512_test_epi32_mask(i, _mm512_set1_epi32(8 * kCount));
+      return _mm512_mask_blend_ps(upper, at<kFrom, kCount / 2>(i), at<kFrom + kCount / 2, kCount / 2>(i));
+    }
+  }
+};
+#endif
+
+// nearest_code over n values, when one compare suffices (as it does for the dynamic map):
+// the code of the key, then one compare with the threshold above it. The table lookups
+// are scalar loads (the empty asm keeps the compiler from turning them into gathers,
+// which were slower); with AVX-512 VBMI the table indices are computed and the threshold
+// compares done 16 and 64 at a time. The codes equal the rule's for every float32 in
+// [-1, 1], the range of m / absmax, and for a sweep of all others
+// (tests/test_cpu_schedule.py, through lars_cpu_nearest_codes, for this host's build and
+// for builds without AVX-512 VBMI and without AVX-512).
 inline void nearest_codes(const CodeIndex& ix, const float* x, int n, unsigned char* out) {
   if (ix.extra != 1) {
     for (int k = 0; k < n; ++k) out[k] = nearest_code(ix, x[k]);
     return;
   }
-  for (int k = 0; k < n; ++k) {
-    const int code = ix.base[float_bits(x[k]) >> 16];  // NaN keys hold 255, and NaN > t is false
-    out[k] = static_cast<unsigned char>(code + (x[k] > ix.threshold[code] ? 1 : 0));
+  int k = 0;
+#if LARS_VBMI
+  // Three passes over the n values: table indices (vector), codes of the keys (scalar
+  // loads), compares (vector). Each pass reads what the one before wrote in full: a vector
+  // load of bytes just stored one by one would wait for them (no store-to-load forwarding).
+  if (n >= 64 && n <= kQBlock) {
+    alignas(64) unsigned short index[kQBlock];
+    const __m512i lo = _mm512_set1_epi32(ix.key_lo), hi = _mm512_set1_epi32(ix.key_hi);
+    const __m512i magnitude = _mm512_set1_epi32(0x7fff), span = _mm512_set1_epi32(ix.span);
+    for (int j = 0; j + 16 <= n; j += 16) {
+      const __m512i bits = _mm512_loadu_si512(x + j);
+      const __m512i key = _mm512_and_si512(_mm512_srli_epi32(bits, 16), magnitude);
+      __m512i i = _mm512_sub_epi32(_mm512_min_epi32(_mm512_max_epi32(key, lo), hi), lo);
+      i = _mm512_mask_add_epi32(i, _mm512_cmplt_epi32_mask(bits, _mm512_setzero_si512()), i, span);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(index + j), _mm512_cvtepi32_epi16(i));
+    }
+    const int whole = n / 64 * 64;
+    for (int j = 0; j < whole; ++j) {
+      int code = ix.base[index[j]];
+      asm("" : "+r"(code));
+      out[j] = static_cast<unsigned char>(code);
+    }
+    const ByteTable threshold(ix.threshold_bytes);
+    for (; k < whole; k += 64) {
+      const __m512i codes = _mm512_loadu_si512(out + k);
+      __m512i above[4];
+      threshold.at(codes, above);
+      __mmask64 up = 0, nan = 0;
+      for (int j = 0; j < 4; ++j) {
+        const __m512 v = _mm512_loadu_ps(x + k + 16 * j);
+        up |= static_cast<__mmask64>(_mm512_cmp_ps_mask(v, _mm512_castsi512_ps(above[j]), _CMP_GT_OQ)) << (16 * j);
+        nan |= static_cast<__mmask64>(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) << (16 * j);
+      }
+      const __m512i coded = _mm512_mask_add_epi8(codes, up, codes, _mm512_set1_epi8(1));
+      _mm512_storeu_si512(out + k, _mm512_mask_mov_epi8(coded, nan, _mm512_set1_epi8(-1)));
+    }
+  }
+#endif
+  for (; k < n; ++k) {
+    int code = ix.base[table_index(ix, float_bits(x[k]))];
+    asm("" : "+r"(code));
+    code += x[k] > ix.threshold[code] ? 1 : 0;
+    out[k] = static_cast<unsigned char>(x[k] != x[k] ? 255 : code);
   }
 }
 
 // book[code] * scale for n codes.
 inline void dequantize(const CodeIndex& ix, const unsigned char* codes, float scale, int n, float* out) {
-  for (int k = 0; k < n; ++k) out[k] = ix.book[codes[k]] * scale;
+  int k = 0;
+#if LARS_VBMI
+  {
+    const ByteTable book(ix.book_bytes);
+    const __m512 s = _mm512_set1_ps(scale);
+    for (; k + 64 <= n; k += 64) {
+      __m512i m[4];
+      book.at(_mm512_loadu_si512(codes + k), m);
+      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + k + 16 * j, _mm512_mul_ps(_mm512_castsi512_ps(m[j]), s));
+    }
+  }
+#endif
+#if defined(__AVX512F__)
+  if (k + 16 <= n) {
+    const FloatTable book(ix.book);
+    const __m512 s = _mm512_set1_ps(scale);
+    for (; k + 16 <= n; k += 16) {
+      const __m512i i = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k)));
+      _mm512_storeu_ps(out + k, _mm512_mul_ps(book.at(i), s));
+    }
+  }
+#endif
+  for (; k < n; ++k) out[k] = ix.book[codes[k]] * scale;
 }
 
 // ---- the thread pool ---------------------------------------------------------------------
@@ -607,8 +761,8 @@ CodeIndex& code_index(const float* map) {
 // twice (ResNet-50: ~300 MB each time). Run per group of consecutive tensors whose p, g and
 // m fit in the cache, the update reads what the stats phase of the same group just brought
 // in: stats -> finalize -> (exact norms) -> update, group after group. A tensor larger than
-// the budget is a group of its own; its update runs from its last chunk back, so the part
-// the stats phase left in the cache is read first. The chunks, their lane sums and the
+// the budget is a group of its own. Within a group each thread takes a contiguous range of
+// chunks (Claims). The chunks, their lane sums and the
 // per-tensor sums in chunk order are those of one big group, so the result is bitwise the
 // same for any budget and any thread count (tests/test_cpu_schedule.py).
 constexpr long long kDefaultGroupBytes = 4LL << 20;  // when the caller has not said (native.py does)
@@ -644,12 +798,50 @@ std::vector<Group> make_groups(const long long* tensors, int num_tensors, long l
   return groups;
 }
 
+// The chunks [0, count) of a phase, as one contiguous range per thread. A thread claims
+// from its own range first, so that each walks one long stretch of memory (threads taking
+// turns chunk by chunk were slower on a 10M tensor: docs/benchmarks.md), then from the
+// others' ranges, so that a thread that is descheduled holds up the rest for at most the
+// chunk it is on. Both phases claim forward (an update from the end of each range, where
+// the stats phase left data in the cache, was slower with 8-bit state and no faster with
+// float32 on the 2-core host measured).
+class Claims {
+ public:
+  void split(long long count, int threads) {
+    ranges_ = std::vector<Range>(static_cast<size_t>(threads));
+    for (int t = 0; t < threads; ++t) {
+      ranges_[t].begin = count * t / threads;
+      ranges_[t].end = count * (t + 1) / threads;
+      ranges_[t].next.store(ranges_[t].begin, std::memory_order_relaxed);
+    }
+  }
+  // The next chunk for thread `self`, or -1 when every chunk is claimed.
+  long long claim(int self) {
+    const int threads = static_cast<int>(ranges_.size());
+    for (int k = 0; k < threads; ++k) {
+      Range& r = ranges_[static_cast<size_t>((self + k) % threads)];
+      if (r.next.load(std::memory_order_relaxed) >= r.end) continue;
+      const long long i = r.next.fetch_add(1, std::memory_order_relaxed);
+      if (i < r.end) return i;
+    }
+    return -1;
+  }
+
+ private:
+  struct alignas(64) Range {  // one cache line each: threads claim without sharing one
+    std::atomic<long long> next{0};
+    long long begin = 0, end = 0;
+  };
+  std::vector<Range> ranges_;
+};
+
 // Where a group stands. Threads claim its chunks by counters; the thread that completes
 // the last stats chunk finalizes the group (and the last exact chunk's thread sets the
 // exact norms); the others sleep on a condition variable meanwhile (nothing spins).
 enum GroupStage : int { kStageStats = 0, kStageExact = 1, kStageReady = 2 };
 struct GroupRun {
-  std::atomic<long long> stats_next{0}, stats_done{0}, exact_next{0}, exact_done{0}, update_next{0};
+  Claims stats, update;
+  std::atomic<long long> stats_done{0}, exact_next{0}, exact_done{0};
   std::atomic<int> stage{kStageStats};
   std::vector<long long> exact_blocks;  // chunks of the group's flagged tensors, in order
   std::vector<double> chunk_uu;
@@ -797,14 +989,14 @@ LARS_EXPORT int lars_cpu_step(const long long* tensors, int num_tensors, const l
 
   // Claims one stats chunk of group k and runs it (finalizing the group after its last
   // chunk); false when all its chunks are claimed.
-  auto stats_one = [&](size_t k) {
+  auto stats_one = [&](size_t k, int self) {
     const Group& group = groups[k];
     GroupRun& run = runs[k];
-    const long long count = group.end_block - group.first_block;
-    const long long i = run.stats_next.fetch_add(1, std::memory_order_relaxed);
-    if (i >= count) return false;
+    const long long i = run.stats.claim(self);
+    if (i < 0) return false;
     stats_block(group.first_block + i);
-    if (run.stats_done.fetch_add(1, std::memory_order_acq_rel) + 1 == count) finalize_group(group, run);
+    if (run.stats_done.fetch_add(1, std::memory_order_acq_rel) + 1 == group.end_block - group.first_block)
+      finalize_group(group, run);
     return true;
   };
 
@@ -813,14 +1005,19 @@ LARS_EXPORT int lars_cpu_step(const long long* tensors, int num_tensors, const l
   // chunks, or finalizing) takes stats chunks of the next group meanwhile, and sleeps only
   // when there are none: a thread that is descheduled holds up the others for at most the
   // chunk it holds.
-  auto walk = [&] {
+  threads = std::max(1, threads);
+  for (size_t k = 0; k < groups.size(); ++k) {
+    runs[k].stats.split(groups[k].end_block - groups[k].first_block, threads);
+    runs[k].update.split(groups[k].end_block - groups[k].first_block, threads);
+  }
+  auto walk = [&](int self) {
     for (size_t k = 0; k < groups.size(); ++k) {
       const Group& group = groups[k];
       GroupRun& run = runs[k];
-      const long long count = group.end_block - group.first_block;
-      while (stats_one(k)) {
+      while (stats_one(k, self)) {
       }
-      while (run.stage.load(std::memory_order_acquire) < kStageExact && k + 1 < groups.size() && stats_one(k + 1)) {
+      while (run.stage.load(std::memory_order_acquire) < kStageExact && k + 1 < groups.size() &&
+             stats_one(k + 1, self)) {
       }
       signal.wait(run.stage, kStageExact);
       if (failed.load(std::memory_order_relaxed)) return;
@@ -830,12 +1027,10 @@ LARS_EXPORT int lars_cpu_step(const long long* tensors, int num_tensors, const l
         if (run.exact_done.fetch_add(1, std::memory_order_acq_rel) + 1 == exact) finish_exact(group, run);
       }
       signal.wait(run.stage, kStageReady);
-      // Last chunks first: the stats phase ended there, so their data is the likeliest in cache.
-      for (long long i; (i = run.update_next.fetch_add(1, std::memory_order_relaxed)) < count;)
-        update_block(group.end_block - 1 - i);
+      for (long long i; (i = run.update.claim(self)) >= 0;) update_block(group.first_block + i);
     }
   };
-  workers.parallel_for(threads, threads, false, [&](long long) { walk(); });
+  workers.parallel_for(threads, threads, false, [&](long long self) { walk(static_cast<int>(self)); });
   return failed.load() ? 1 : 0;
 }
 
@@ -843,8 +1038,18 @@ LARS_EXPORT int lars_cpu_step(const long long* tensors, int num_tensors, const l
 // tests/test_cpu_schedule.py checks them.
 LARS_EXPORT void lars_cpu_nearest_codes(const float* code_map, const float* x, long long n, unsigned char* out) {
   const lars_cpu::CodeIndex& ix = lars_cpu::code_index(code_map);
-  for (long long at = 0; at < n; at += 1 << 20)
-    lars_cpu::nearest_codes(ix, x + at, static_cast<int>(std::min<long long>(1 << 20, n - at)), out + at);
+  for (long long at = 0; at < n; at += lars::kQBlock)  // by 8-bit block, as the update
+    lars_cpu::nearest_codes(ix, x + at, static_cast<int>(std::min<long long>(lars::kQBlock, n - at)), out + at);
+}
+
+// book[code] * absmax[block] for n codes of 8-bit blocks (code_map: the dynamic map) as the
+// stats and update phases dequantize them; tests/test_cpu_schedule.py checks them.
+LARS_EXPORT void lars_cpu_dequantize(const float* code_map, const unsigned char* codes, const float* absmax,
+                                     long long n, float* out) {
+  const lars_cpu::CodeIndex& ix = lars_cpu::code_index(code_map);
+  for (long long at = 0; at < n; at += lars::kQBlock)
+    lars_cpu::dequantize(ix, codes + at, absmax[at / lars::kQBlock],
+                         static_cast<int>(std::min<long long>(lars::kQBlock, n - at)), out + at);
 }
 
 // The cache budget of a group of tensors (bytes of p, g and m); <= 0: one group. Returns
