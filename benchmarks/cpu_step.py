@@ -33,9 +33,11 @@ Then two lines about the machine: the bandwidth of a large multi-threaded copy
 measured in the same run, and the share of it our 32-bit step reaches on the
 10M tensor, counted at 32 bytes per element (p, g and m read twice, p and m
 written once: the norms must cover the whole tensor before anything changes).
-And one line about sharing the machine: a torch forward/backward timed alone
+And two lines about sharing the machine: a torch forward/backward timed alone
 and right after a cupylars step, so that threads of ours left spinning would
-show as a slower torch.
+show as a slower torch; and a cupylars step timed after a pause and right after
+a torch forward/backward, whose OpenMP threads spin for a while after each
+parallel region (libgomp's default) on the cores our threads need.
 
 Usage: ``python benchmarks/cpu_step.py [--rounds N]``. Takes a minute or two.
 """
@@ -260,7 +262,9 @@ def table(title: str, results: dict[str, float]) -> None:
 
 
 def sharing_line(rounds: int) -> None:
-    """A torch forward/backward alone, and right after a cupylars step (which must not slow it)."""
+    """A torch forward/backward alone, and right after a cupylars step (which must not slow it);
+    a cupylars step after a pause, and right after a torch forward/backward (torch's OpenMP
+    threads spin for a while after each parallel region, on the cores the step's threads need)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3, padding=1)
@@ -290,6 +294,21 @@ def sharing_line(rounds: int) -> None:
     print(
         f"\nsharing the machine: torch forward/backward {a:.2f} ms alone, {b:.2f} ms right after a "
         f"cupylars step ({b / a:.2f}x)"
+    )
+    rested, after_torch = [], []
+    for _ in range(rounds):
+        time.sleep(0.05)  # torch's threads have gone to sleep
+        start = time.perf_counter()
+        opt.step()
+        rested.append(time.perf_counter() - start)
+        forward_backward()
+        start = time.perf_counter()
+        opt.step()
+        after_torch.append(time.perf_counter() - start)
+    c, d = 1e3 * statistics.median(rested), 1e3 * statistics.median(after_torch)
+    print(
+        f"                     cupylars step (4M) {c:.2f} ms after a pause, {d:.2f} ms right after a torch "
+        f"forward/backward ({d / c:.2f}x: torch's OpenMP threads spin for a while after each region)"
     )
 
 
