@@ -169,7 +169,8 @@ void build_index(CodeIndex& ix, const float* map) {
       // last of its key (+inf for the highest); negative entries count down.
       const int key = ix.key_lo + c;
       const float small = c == 0 ? 0.0f : bits_float(static_cast<unsigned>(key) << 16);
-      const float large = c == ix.span - 1 ? bits_float(0x7f800000u) : bits_float((static_cast<unsigned>(key) << 16) | 0xffffu);
+      const float large =
+          c == ix.span - 1 ? bits_float(0x7f800000u) : bits_float((static_cast<unsigned>(key) << 16) | 0xffffu);
       const float a = sign ? -large : small, b = sign ? -small : large;
       const int code_a = code_by_search(ix.book, a), code_b = code_by_search(ix.book, b);
       ix.base[sign * ix.span + c] = static_cast<unsigned char>(code_a);
