@@ -42,6 +42,44 @@ __all__ = [
     "threads_for",
 ]
 
+# Where torch runs on OpenMP, a multi-threaded step runs on torch's OpenMP threads rather
+# than on the backend's own pool: right after a torch op those threads spin for a while on
+# the cores the pool needs (rawkernels/cpu/lars_cpu.cpp, "torch's OpenMP threads";
+# docs/kernels.md, "Threads"). Never in a forked child (OpenMP regions hang there), which
+# this module notes for the forks after its import, and the library for those after its load.
+_TORCH_OPENMP: bool | None = None
+_FORKED_CHILD = False
+
+
+def _mark_forked_child() -> None:
+    global _FORKED_CHILD
+    _FORKED_CHILD = True
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_mark_forked_child)
+
+
+def torch_runs_on_openmp() -> bool:
+    """Whether torch is imported and its parallel backend is OpenMP."""
+    global _TORCH_OPENMP
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    if _TORCH_OPENMP is None:
+        try:
+            info = torch.__config__.parallel_info()
+        except Exception:  # a torch without it: assume not
+            info = ""
+        _TORCH_OPENMP = "ATen parallel backend: OpenMP" in info
+    return _TORCH_OPENMP
+
+
+def openmp_allowed() -> bool:
+    """Whether multi-threaded steps may run on torch's OpenMP threads in this process."""
+    return torch_runs_on_openmp() and not _FORKED_CHILD
+
+
 _CODE_MAP = quantization.dynamic_map()
 _CODE_MAP_ADDRESS = _CODE_MAP.ctypes.data
 
@@ -159,7 +197,28 @@ class CpuBackend:
         self._step = lib.lars_cpu_step
         self._set_group_bytes = lib.lars_cpu_set_group_bytes
         self._set_group_bytes(group_bytes())
+        # Absent from builds of older sources (benchmarks/cpu_builds.py): they use their own pool.
+        self._use_openmp = getattr(lib, "lars_cpu_use_openmp", None)
         self.reason = reason
+
+    def _allow_openmp(self) -> bool:
+        """Tells the library whether multi-threaded steps may run on torch's OpenMP threads;
+        returns whether the next one will."""
+        if self._use_openmp is None:
+            return False
+        return bool(self._use_openmp(1 if openmp_allowed() else 0))
+
+    def thread_pool(self) -> str:
+        """Whose threads a step with more than one thread runs on, and why."""
+        if self._allow_openmp():
+            return "torch's OpenMP threads (the ones torch's own CPU ops run on)"
+        if self._use_openmp is None:
+            return "the backend's own thread pool (this build cannot hand over to OpenMP)"
+        if _FORKED_CHILD:
+            return "the backend's own thread pool (a forked child: OpenMP's threads do not survive fork)"
+        if not torch_runs_on_openmp():
+            return "the backend's own thread pool (torch is not imported, or does not run on OpenMP)"
+        return "the backend's own thread pool (libgomp.so.1 is not loaded, or this is a forked child)"
 
     def set_group_bytes(self, nbytes: int) -> int:
         """Sets the cache budget of a group of tensors (bytes of p, g and m; 0: the whole step
@@ -232,6 +291,7 @@ class CpuBackend:
         host = plan.host
         partials = np.empty(host.num_blocks * tables.SUMS, dtype=np.float64)
         coefs = np.empty(host.num_tensors * tables.COEF_WORDS, dtype=np.int32)
+        self._allow_openmp()
         status = self._step(
             plan.tensors_ptr,
             host.num_tensors,

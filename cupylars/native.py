@@ -132,6 +132,8 @@ def _build() -> tuple[ctypes.CDLL, Path]:
     ]
     lib.lars_cpu_set_group_bytes.restype = c_ll
     lib.lars_cpu_set_group_bytes.argtypes = [c_ll]
+    lib.lars_cpu_use_openmp.restype = c_int
+    lib.lars_cpu_use_openmp.argtypes = [c_int]
     lib.lars_cpu_nearest_codes.restype = None
     lib.lars_cpu_nearest_codes.argtypes = [c_ptr, c_ptr, c_ll, c_ptr]
     lib.lars_cpu_dequantize.restype = None

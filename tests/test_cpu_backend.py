@@ -68,6 +68,27 @@ def test_results_do_not_depend_on_the_thread_count(fmt, monkeypatch):
         _same(*runs[0], params, states)
 
 
+@pytest.mark.parametrize("bits", [32, 8])
+def test_torchs_openmp_threads_give_the_bits_of_the_own_pool(bits, monkeypatch):
+    """Where torch runs on OpenMP, multi-threaded steps run on its threads
+    (rawkernels/cpu/lars_cpu.cpp, "torch's OpenMP threads"), with the bits of the pool."""
+    pytest.importorskip("torch")
+    if not cpu.torch_runs_on_openmp():
+        pytest.skip("this torch does not run on OpenMP")
+    monkeypatch.setattr(plan, "CHUNK_SIZE", 1024)  # many chunks per tensor
+    monkeypatch.setattr(cpu, "WORK_PER_THREAD", 1)  # threads even for this small work
+    monkeypatch.setattr(cpu, "num_threads", lambda: 4)
+    runs = []
+    for allowed in (True, False):
+        monkeypatch.setattr(cpu, "openmp_allowed", lambda allowed=allowed: allowed)
+        params, states, grads = _problem(1, [(9000,), (300,), (70, 41)], bits=bits)
+        with native_cpu():
+            assert cpu.cpu_backend().thread_pool().startswith("torch's OpenMP") == allowed
+            _train(params, states, grads)
+        runs.append((params, states))
+    _same(*runs[0], *runs[1])
+
+
 def test_small_steps_run_on_one_thread_and_large_ones_on_all(monkeypatch):
     monkeypatch.setattr(cpu, "num_threads", lambda: 4)
     unit = cpu.WORK_PER_THREAD

@@ -119,6 +119,26 @@ def test_a_forked_child_steps_with_the_parents_results():
     assert done.stdout.split() == ["0", _expected(1)]
 
 
+def test_a_forked_child_of_a_torch_process_steps_on_the_backends_own_pool():
+    """The parent's steps run on torch's OpenMP threads once torch is imported; those do not
+    survive fork (a region there hangs: torch's own ops too), so the child steps on the
+    backend's own pool, with the same bits."""
+    code = """
+        import torch
+        torch.set_num_threads(4)
+        torch.mm(torch.ones(256, 256), torch.ones(256, 256))  # libgomp's threads now exist
+        print(cpu.cpu_backend().thread_pool().split(" (")[0].replace(" ", "_"))
+        here = stepped(1)  # on torch's threads; `expected` was stepped on the pool
+        def child():
+            pool = cpu.cpu_backend().thread_pool()
+            return "forked child" in pool and stepped(1) == expected and stepped(1) == here
+        print(forked(child), here == expected)
+    """
+    done = _run(FORK_HELPERS, code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["torch's_OpenMP_threads", "0", "True"]
+
+
 def test_a_multiprocessing_fork_worker_steps():
     code = """
         import multiprocessing

@@ -34,6 +34,7 @@
 #define LARS_HOST_ONLY
 #include "../lars_math.h"
 
+#include <dlfcn.h>
 #include <pthread.h>
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -423,6 +424,70 @@ Pool& pool() {
   }();
   (void)registered;
   return *current_pool.load(std::memory_order_acquire);
+}
+
+// ---- torch's OpenMP threads ----------------------------------------------------------------
+// Torch's CPU ops run on libgomp's threads, which (libgomp's default) spin for a while after
+// each parallel region. A step on our own pool right after a torch op shares the cores with
+// them: a 10M-element step took 11.1 ms right after a torch matmul against 8.7 ms after a
+// pause (docs/benchmarks.md). So where the caller allows it (cupylars/cpu.py: torch is
+// imported, runs on OpenMP, and this is not a forked child), a multi-threaded step runs as one
+// parallel region on the already loaded libgomp (GOMP_parallel, what `#pragma omp parallel`
+// compiles to): the threads torch's own ops use, nothing loaded and no thread added.
+// Never in a forked child: libgomp's threads do not survive fork, and a region there hangs
+// (torch's own ops too); our pool is fork-safe (pool() above).
+struct OpenMP {
+  void (*parallel)(void (*)(void*), void*, unsigned, unsigned);
+  int (*thread_num)();
+};
+std::atomic<bool> openmp_allowed{false}, forked_child{false};
+const bool fork_watched = pthread_atfork(nullptr, nullptr, [] { forked_child.store(true); }) == 0;
+
+// libgomp's entry points when it is loaded in this process, else null. Looked up until found
+// (torch may be imported after the first step); the handle stays open, as libgomp does.
+const OpenMP* loaded_openmp() {
+  static std::atomic<const OpenMP*> found{nullptr};
+  const OpenMP* known = found.load(std::memory_order_acquire);
+  if (known != nullptr) return known;
+  void* lib = dlopen("libgomp.so.1", RTLD_NOW | RTLD_NOLOAD);  // never loads it
+  if (lib == nullptr) return nullptr;
+  using Parallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
+  const auto parallel = reinterpret_cast<Parallel>(dlsym(lib, "GOMP_parallel"));
+  const auto thread_num = reinterpret_cast<int (*)()>(dlsym(lib, "omp_get_thread_num"));
+  if (parallel == nullptr || thread_num == nullptr) return nullptr;
+  static const OpenMP entry{parallel, thread_num};
+  found.store(&entry, std::memory_order_release);
+  return &entry;
+}
+
+// The OpenMP threads a step runs on, or null: our pool.
+const OpenMP* step_openmp() {
+  if (!openmp_allowed.load(std::memory_order_relaxed) || !fork_watched ||
+      forked_child.load(std::memory_order_relaxed))
+    return nullptr;
+  return loaded_openmp();
+}
+
+// Runs walk(t), t = 0 .. threads - 1, each on a thread of its own where threads are given;
+// a thread that OpenMP does not give, or a pool worker that wakes late, is covered by the
+// others, which claim the chunks of every range once their own is done.
+template <typename Walk>
+void run_threads(int threads, const Walk& walk) {
+  const OpenMP* omp = threads > 1 ? step_openmp() : nullptr;
+  if (omp == nullptr) {
+    pool().parallel_for(threads, threads, false, [&](long long t) { walk(static_cast<int>(t)); });
+    return;
+  }
+  struct Region {
+    const Walk* walk;
+    const OpenMP* omp;
+  } region{&walk, omp};
+  omp->parallel(
+      [](void* data) {
+        const Region& r = *static_cast<const Region*>(data);
+        (*r.walk)(r.omp->thread_num());
+      },
+      &region, static_cast<unsigned>(threads), 0);
 }
 
 // ---- phase 1: the dot products of one chunk --------------------------------------------------
@@ -870,6 +935,13 @@ class StageSignal {
 
 }  // namespace lars_cpu
 
+// Whether multi-threaded steps may run on torch's OpenMP threads (see "torch's OpenMP
+// threads" above); returns 1 when the next one will, else 0.
+LARS_EXPORT int lars_cpu_use_openmp(int allow) {
+  lars_cpu::openmp_allowed.store(allow != 0, std::memory_order_relaxed);
+  return lars_cpu::step_openmp() != nullptr ? 1 : 0;
+}
+
 // Version of the C interface below; cupylars/native.py checks it after loading.
 LARS_EXPORT int lars_cpu_abi_version() { return 4; }
 
@@ -896,7 +968,6 @@ LARS_EXPORT int lars_cpu_step(const long long* tensors, int num_tensors, const l
   const float lam = factors.lam, mu = factors.mu, keep = factors.keep;
   const bool nesterov = factors.nesterov;
   const CodeIndex& ix = code_index(code_map);
-  Pool& workers = pool();
   auto row_of = [&](long long b, long long* start, long long* end) {
     const long long entry = blocks[b];
     const long long* row = tensors + static_cast<long long>(block_tensor(entry)) * kTensorFields;
@@ -1031,7 +1102,7 @@ LARS_EXPORT int lars_cpu_step(const long long* tensors, int num_tensors, const l
       for (long long i; (i = run.update.claim(self)) >= 0;) update_block(group.first_block + i);
     }
   };
-  workers.parallel_for(threads, threads, false, [&](long long self) { walk(static_cast<int>(self)); });
+  run_threads(threads, walk);
   return failed.load() ? 1 : 0;
 }
 
