@@ -27,10 +27,12 @@
 //
 // Threads: a small pool of std::threads, woken once per step, that sleep on a
 // condition variable between steps and while they wait for a group's finalize (no
-// spinning while the caller's framework works); the calling thread takes part. Each
-// thread walks its own contiguous range of a group's chunks, then helps with the others'.
-// Calls from several Python threads are serialised by the pool; each call brings its own
-// scratch (partials, coefficients). A forked child gets a fresh pool (pool() below).
+// spinning while the caller's framework works); the calling thread takes part. Where
+// torch runs on OpenMP, one parallel region on torch's OpenMP threads instead (see
+// "torch's OpenMP threads" below; never in a forked child). Each thread walks its own
+// contiguous range of a group's chunks, then helps with the others'. Each call brings its
+// own scratch (partials, coefficients), so calls from several Python threads may run at
+// once (the pool serialises them). A forked child gets a fresh pool (pool() below).
 #define LARS_HOST_ONLY
 #include "../lars_math.h"
 
