@@ -338,26 +338,18 @@ inline void dequantize(const CodeIndex& ix, const unsigned char* codes, float sc
 // ---- the thread pool ---------------------------------------------------------------------
 class Pool {
  public:
-  // Runs body(i) for i in [0, n) on up to `threads` threads (the caller is one).
-  // Threads take runs of consecutive indices (about an eighth of a thread's share
-  // each), so each walks long stretches of memory that the prefetchers can follow,
-  // and runs are handed out as threads finish, which balances uneven work.
-  // `backward` hands out the runs from the end (each run still ascends).
-  void parallel_for(long long n, int threads, bool backward, const std::function<void(long long)>& body) {
+  // Runs body(i) for i in [0, n) on up to `threads` threads (the caller is one); the
+  // indices are handed out as threads arrive, so a worker that wakes late holds up nobody.
+  void parallel_for(long long n, int threads, const std::function<void(long long)>& body) {
     threads = static_cast<int>(std::min<long long>(threads, n));
     if (threads <= 1) {
       for (long long i = 0; i < n; ++i) body(i);
       return;
     }
     std::lock_guard<std::mutex> call(call_mutex_);  // one parallel region at a time
-    const long long grain = std::max<long long>(1, n / (8LL * threads));
     std::atomic<long long> next{0};
     const std::function<void()> drain = [&] {
-      for (long long run; (run = next.fetch_add(grain, std::memory_order_relaxed)) < n;) {
-        const long long lo = backward ? std::max<long long>(0, n - run - grain) : run;
-        const long long hi = backward ? n - run : std::min(n, run + grain);
-        for (long long i = lo; i < hi; ++i) body(i);
-      }
+      for (long long i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) body(i);
     };
     {
       std::unique_lock<std::mutex> lock(mutex_);
@@ -435,7 +427,8 @@ Pool& pool() {
 // pause (docs/benchmarks.md). So where the caller allows it (cupylars/cpu.py: torch is
 // imported, runs on OpenMP, and this is not a forked child), a multi-threaded step runs as one
 // parallel region on the already loaded libgomp (GOMP_parallel, what `#pragma omp parallel`
-// compiles to): the threads torch's own ops use, nothing loaded and no thread added.
+// compiles to): the threads torch's own ops use, nothing loaded. (libgomp gives a calling
+// thread without a team one of its own, as it does for torch's ops from that thread.)
 // Never in a forked child: libgomp's threads do not survive fork, and a region there hangs
 // (torch's own ops too); our pool is fork-safe (pool() above).
 struct OpenMP {
@@ -477,7 +470,7 @@ template <typename Walk>
 void run_threads(int threads, const Walk& walk) {
   const OpenMP* omp = threads > 1 ? step_openmp() : nullptr;
   if (omp == nullptr) {
-    pool().parallel_for(threads, threads, false, [&](long long t) { walk(static_cast<int>(t)); });
+    pool().parallel_for(threads, threads, [&](long long t) { walk(static_cast<int>(t)); });
     return;
   }
   struct Region {
